@@ -1,0 +1,48 @@
+# The two entry points a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: run test lint typecheck unit services bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Runtime install: the package with every model format.
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) install --quiet -c constraints.txt -e '.[all]'
+	touch $@
+
+# Development install: adds the test and lint tools.
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+## Install, build the demo fraud model (first run only) and serve it on $(HOST):$(PORT).
+run: $(VENV)/.installed
+	$(BIN)/interlock demo --host $(HOST) --port $(PORT)
+
+## Lint, type-check and run the whole suite against the real local services.
+test: $(VENV)/.installed-dev services lint typecheck
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+## Start the local services the tests talk to, when they are not already up.
+services:
+	@bash scripts/services.sh
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python bench/serving.py
+
+clean:
+	rm -rf $(VENV) .interlock .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Foundation helpers shared by every layer: ids, clocks, logging. Standard library only."""

@@ -1,0 +1,117 @@
+"""The exception tree of interlock.
+
+Every error interlock raises on purpose derives from :class:`InterlockError`.
+Domain errors know nothing of HTTP: ``interlock.api.errors`` maps them to
+status codes at the edge.
+
+    InterlockError
+    ├── ConfigError                  settings that cannot be used
+    ├── StoreError                   the metadata database or artifact store failed
+    │   └── ArtifactIntegrityError   an artifact's bytes do not match its recorded sha256
+    ├── RegistryError
+    │   ├── ModelNotFoundError       no such model, alias or version
+    │   ├── ModelFormatError         an artifact that its format cannot read
+    │   └── UnsafeArtifactError      a pickle offered without --trust
+    ├── RuntimeLoadError             a registered version could not be loaded or warmed
+    ├── InputError                   what a client sent cannot be used
+    │   ├── MalformedInputError      not JSON, or not the protocol's shape
+    │   ├── PayloadTooLargeError     a body over the configured size
+    │   └── FeatureError             a missing, extra or wrongly typed feature
+    ├── PredictionError              the model raised while predicting
+    └── AuthError                    a missing or wrong key
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "ArtifactIntegrityError",
+    "AuthError",
+    "ConfigError",
+    "FeatureError",
+    "InputError",
+    "InterlockError",
+    "MalformedInputError",
+    "ModelFormatError",
+    "ModelNotFoundError",
+    "PayloadTooLargeError",
+    "PredictionError",
+    "RegistryError",
+    "RuntimeLoadError",
+    "StoreError",
+    "UnsafeArtifactError",
+]
+
+
+class InterlockError(Exception):
+    """Root of every error interlock raises on purpose."""
+
+    retryable: ClassVar[bool] = False
+
+
+class ConfigError(InterlockError):
+    """The settings cannot be used as given."""
+
+
+class StoreError(InterlockError):
+    """The metadata database or the artifact store failed."""
+
+    retryable = True
+
+
+class ArtifactIntegrityError(StoreError):
+    """An artifact's bytes do not match the sha256 recorded at registration."""
+
+    retryable = False
+
+
+class RegistryError(InterlockError):
+    """A registry operation cannot be done."""
+
+
+class ModelNotFoundError(RegistryError):
+    """No model, alias or version answers to the given reference."""
+
+
+class ModelFormatError(RegistryError):
+    """The artifact cannot be read as the format it was registered with."""
+
+
+class UnsafeArtifactError(RegistryError):
+    """A pickle-based artifact was offered without explicit trust."""
+
+
+class RuntimeLoadError(InterlockError):
+    """A registered version could not be loaded or warmed up."""
+
+
+class InputError(InterlockError):
+    """What a client sent cannot be used; the message says what to fix."""
+
+
+class MalformedInputError(InputError):
+    """The body is not JSON, or not in the shape the protocol defines."""
+
+
+class PayloadTooLargeError(InputError):
+    """The body is larger than the configured maximum."""
+
+
+class FeatureError(InputError):
+    """A feature is missing, unexpected, or of the wrong type."""
+
+    def __init__(self, message: str, *, feature: str | None = None, row: int | None = None):
+        super().__init__(message)
+        self.feature = feature
+        self.row = row
+
+
+class PredictionError(InterlockError):
+    """The model raised while predicting."""
+
+    retryable = True
+
+
+class AuthError(InterlockError):
+    """A key is missing or wrong."""

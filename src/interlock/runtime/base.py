@@ -1,0 +1,82 @@
+"""What every model format provides: an inspection at registration and a predictor.
+
+A *loader* knows one format. ``inspect`` reads an artifact once, when it is registered:
+it proves the artifact loads and reads what the format carries (feature names, ranges,
+the task). ``load`` returns a :class:`Predictor` that serving calls from its inference
+threads, never from the event loop.
+
+Predictors take either a float64 matrix ``[rows, features]`` in schema order
+(``takes_rows`` false: every tensor format) or the rows as dicts (``takes_rows`` true:
+the ``python`` format). They return one result per row: for binary classifiers the
+positive-class probability, for multiclass a probability list, for regressors the value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from interlock._core.schema import FeatureSchema
+
+__all__ = ["Inspection", "Loader", "ModelFormat", "Predictor", "Task"]
+
+Matrix = npt.NDArray[np.float64]
+
+
+class ModelFormat(StrEnum):
+    LIGHTGBM = "lightgbm"
+    XGBOOST = "xgboost"
+    ONNX = "onnx"
+    SKLEARN = "sklearn"
+    PYTHON = "python"
+
+
+class Task(StrEnum):
+    BINARY = "binary"
+    MULTICLASS = "multiclass"
+    REGRESSION = "regression"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    """What registration learns from an artifact."""
+
+    schema: FeatureSchema | None
+    task: Task = Task.UNKNOWN
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Predictor(Protocol):
+    @property
+    def takes_rows(self) -> bool:
+        """True when ``predict`` takes ``list[dict]`` rows instead of a matrix."""
+        ...
+
+    def predict(self, batch: Any) -> npt.NDArray[Any] | Sequence[Any]:
+        """One result per row of ``batch``; called from an inference thread."""
+        ...
+
+    def close(self) -> None:
+        """Release what the predictor holds."""
+        ...
+
+
+class Loader(Protocol):
+    format: ModelFormat
+
+    def inspect(self, path: Path, *, trusted: bool = False) -> Inspection:
+        """Load ``path`` once to validate it; raise ModelFormatError / UnsafeArtifactError."""
+        ...
+
+    def load(
+        self, path: Path, *, schema: FeatureSchema | None, threads: int = 1, trusted: bool = False
+    ) -> Predictor:
+        """A predictor for ``path``; ``threads`` caps native threads per call."""
+        ...

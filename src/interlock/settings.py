@@ -1,0 +1,186 @@
+"""The one settings tree of interlock.
+
+Settings are read once, at an entrypoint, and passed down. Precedence, highest first:
+explicit arguments (CLI options), ``INTERLOCK_*`` environment variables, the TOML config
+file, then the defaults below. Nested fields use ``__`` in variable names, e.g.
+``INTERLOCK_SERVING__MAX_BATCH_SIZE=128``. This is the only module that reads the
+environment.
+
+| setting | environment variable | type | default |
+|---|---|---|---|
+| home | INTERLOCK_HOME | path | ``.interlock`` |
+| database_url | INTERLOCK_DATABASE_URL | URL | ``sqlite:///<home>/interlock.db`` |
+| artifacts_dir | INTERLOCK_ARTIFACTS_DIR | path | ``<home>/artifacts`` |
+| server.host | INTERLOCK_SERVER__HOST | str | ``127.0.0.1`` |
+| server.port | INTERLOCK_SERVER__PORT | int | ``8000`` |
+| server.max_body_bytes | INTERLOCK_SERVER__MAX_BODY_BYTES | int | ``8388608`` (8 MiB) |
+| server.access_log | INTERLOCK_SERVER__ACCESS_LOG | bool | ``false`` |
+| serving.max_batch_size | INTERLOCK_SERVING__MAX_BATCH_SIZE | int (rows) | ``64`` |
+| serving.max_batch_wait_ms | INTERLOCK_SERVING__MAX_BATCH_WAIT_MS | float | ``0`` (greedy) |
+| serving.model_threads | INTERLOCK_SERVING__MODEL_THREADS | int | ``1`` |
+| serving.alias_refresh_s | INTERLOCK_SERVING__ALIAS_REFRESH_S | float | ``1.0`` |
+| auth.admin_key | INTERLOCK_AUTH__ADMIN_KEY | secret | none (admin API open) |
+| auth.client_keys | INTERLOCK_AUTH__CLIENT_KEYS | list of secrets | none (predictions open) |
+| log.level | INTERLOCK_LOG__LEVEL | str | ``info`` |
+| log.json_lines | INTERLOCK_LOG__JSON_LINES | bool | JSON when stderr is not a TTY |
+
+The config file is ``--config PATH``, else ``INTERLOCK_CONFIG``, else ``./interlock.toml``
+when it exists.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from interlock.errors import ConfigError
+
+__all__ = [
+    "AuthSettings",
+    "LogSettings",
+    "ServerSettings",
+    "ServingSettings",
+    "Settings",
+    "load_settings",
+    "mask_url",
+]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSettings(BaseModel):
+    model_config = _FROZEN
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    access_log: bool = False
+
+
+class ServingSettings(BaseModel):
+    model_config = _FROZEN
+
+    max_batch_size: int = Field(64, ge=1, description="rows predicted together at most")
+    max_batch_wait_ms: float = Field(
+        0.0, ge=0, description="how long a partial batch may wait for more rows while busy"
+    )
+    model_threads: int = Field(1, ge=1, description="inference threads per loaded version")
+    alias_refresh_s: float = Field(1.0, gt=0, description="how often aliases are re-read")
+
+
+class AuthSettings(BaseModel):
+    model_config = _FROZEN
+
+    admin_key: SecretStr | None = None
+    client_keys: list[SecretStr] = Field(default_factory=list)
+
+
+class LogSettings(BaseModel):
+    model_config = _FROZEN
+
+    level: str = "info"
+    json_lines: bool | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="INTERLOCK_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    home: Path = Path(".interlock")
+    database_url: str | None = None
+    artifacts_dir: Path | None = None
+    server: ServerSettings = ServerSettings()
+    serving: ServingSettings = ServingSettings()
+    auth: AuthSettings = AuthSettings()
+    log: LogSettings = LogSettings()
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'interlock.db'}"
+
+    @property
+    def effective_artifacts_dir(self) -> Path:
+        return self.artifacts_dir or self.home / "artifacts"
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain data, with every secret masked."""
+        data = self.model_dump(mode="json")
+        data["database_url"] = mask_url(self.effective_database_url)
+        data["artifacts_dir"] = str(self.effective_artifacts_dir)
+        auth = data["auth"]
+        auth["admin_key"] = "********" if self.auth.admin_key else None
+        auth["client_keys"] = ["********" for _ in self.auth.client_keys]
+        return data
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _config_path(explicit: Path | None) -> Path | None:
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"config file not found: {explicit}")
+        return explicit
+    from_env = os.environ.get("INTERLOCK_CONFIG")
+    if from_env:
+        path = Path(from_env)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (from INTERLOCK_CONFIG)")
+        return path
+    default = Path("interlock.toml")
+    return default if default.is_file() else None
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings tree: ``overrides`` > environment > config file > defaults.
+
+    ``overrides`` are keyword arguments shaped like the tree (``server={"port": 9000}``);
+    ``None`` values are ignored so that CLI options left unset do not mask the others.
+    """
+    path = _config_path(config_file)
+    clean = {k: v for k, v in overrides.items() if v is not None}
+
+    class _FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if path is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            return tuple(sources)
+
+    try:
+        return _FileSettings(**clean)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigError(f"invalid setting {where}: {first['msg']}") from exc
+    except ValueError as exc:  # a TOML syntax error surfaces as a ValueError subclass
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
