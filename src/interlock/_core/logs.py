@@ -18,7 +18,7 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "interlock_request_id", default=None
 )
 
-_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
 
 def bind_request_id(request_id: str | None) -> contextvars.Token[str | None]:

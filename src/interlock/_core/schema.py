@@ -59,7 +59,9 @@ class Feature:
             ftype = FeatureType(raw_type)
         except ValueError:
             allowed = ", ".join(t.value for t in FeatureType)
-            raise ValueError(f"feature {name!r}: type {raw_type!r} is not one of {allowed}") from None
+            raise ValueError(
+                f"feature {name!r}: type {raw_type!r} is not one of {allowed}"
+            ) from None
         cats = data.get("categories")
         if cats is not None and (
             not isinstance(cats, list) or not all(isinstance(c, str) for c in cats)

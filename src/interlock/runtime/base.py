@@ -15,33 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from interlock._core.formats import ModelFormat, Task
 from interlock._core.schema import FeatureSchema
 
 __all__ = ["Inspection", "Loader", "ModelFormat", "Predictor", "Task"]
 
 Matrix = npt.NDArray[np.float64]
-
-
-class ModelFormat(StrEnum):
-    LIGHTGBM = "lightgbm"
-    XGBOOST = "xgboost"
-    ONNX = "onnx"
-    SKLEARN = "sklearn"
-    PYTHON = "python"
-
-
-class Task(StrEnum):
-    BINARY = "binary"
-    MULTICLASS = "multiclass"
-    REGRESSION = "regression"
-    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True, slots=True)

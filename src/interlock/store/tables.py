@@ -1,0 +1,103 @@
+"""The metadata tables, in SQLAlchemy Core.
+
+Migrations in ``store/migrations/versions`` create and change these tables; a test
+checks that the migrated database matches this module. Every timestamp is stored and
+returned as a timezone-aware UTC ``datetime`` (:class:`UTCDateTime`).
+
+- ``models``: one row per model name.
+- ``model_versions``: the immutable versions of a model, numbered from 1.
+- ``model_aliases``: movable names (``champion``, ``challenger``…) for versions.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+
+__all__ = ["UTCDateTime", "metadata", "model_aliases", "model_versions", "models"]
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+# JSON everywhere, JSONB on PostgreSQL.
+JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A timestamp that goes in and comes out as an aware UTC ``datetime``.
+
+    SQLite keeps no offset, so the value is stored as naive UTC there; PostgreSQL
+    keeps ``timestamptz`` and returns it in the session's zone, converted back here.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: interlock stores aware UTC times")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime from the database, got {value!r}")
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+models = sa.Table(
+    "models",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+)
+
+model_versions = sa.Table(
+    "model_versions",
+    metadata,
+    sa.Column(
+        "model",
+        sa.String(128),
+        sa.ForeignKey("models.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("format", sa.String(32), nullable=False),
+    sa.Column("artifact_sha256", sa.String(64), nullable=False),
+    sa.Column("artifact_name", sa.String(255), nullable=False),
+    sa.Column("schema", JSONType, nullable=False),
+    sa.Column("task", sa.String(32), nullable=False),
+    sa.Column("metrics", JSONType, nullable=False),
+    sa.Column("tags", JSONType, nullable=False),
+    sa.Column("trusted", sa.Boolean, nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+)
+
+model_aliases = sa.Table(
+    "model_aliases",
+    metadata,
+    sa.Column("model", sa.String(128), primary_key=True),
+    sa.Column("alias", sa.String(128), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.ForeignKeyConstraint(
+        ["model", "version"],
+        ["model_versions.model", "model_versions.version"],
+        ondelete="CASCADE",
+    ),
+)
