@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -57,3 +59,81 @@ def postgres_url() -> Iterator[str]:
         with admin.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+# -- a real interlock server on a loopback port ----------------------------------------
+
+
+class LiveServer:
+    """``interlock serve`` running in a background thread on a free loopback port."""
+
+    def __init__(self, settings: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        from interlock.app import create_app
+
+        self.settings = settings
+        config = uvicorn.Config(
+            create_app(settings),
+            host="127.0.0.1",
+            port=_free_port(),
+            loop="uvloop",
+            http="httptools",
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+        )
+        self.server = uvicorn.Server(config)
+        self.url = f"http://127.0.0.1:{config.port}"
+        self._thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> LiveServer:
+        import time
+
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Any]:
+    """Settings rooted in the test's own directory; keyword arguments override fields."""
+    from interlock.settings import load_settings
+
+    def make(**overrides: Any) -> Any:
+        overrides.setdefault("home", tmp_path / "home")
+        return load_settings(None, **overrides)
+
+    return make
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Callable[[Any], LiveServer]]:
+    """Start real servers for the test; every one is stopped afterwards."""
+    servers: list[LiveServer] = []
+
+    def start(settings: Any) -> LiveServer:
+        server = LiveServer(settings).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

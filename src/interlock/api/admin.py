@@ -1,0 +1,117 @@
+"""The admin API: register models, move aliases, inspect the registry.
+
+Every route needs the admin key when one is configured (``auth.admin_key``), sent as
+``Authorization: Bearer <key>`` or ``x-api-key``. Moving an alias answers once this
+node serves the new version; other nodes follow within ``serving.alias_refresh_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from pydantic import BaseModel, Field
+
+from interlock._core.schema import FeatureSchema
+from interlock.api.predict import check_key
+from interlock.errors import MalformedInputError
+from interlock.registry import Registry, describe_model, describe_version
+from interlock.serving.models import ModelManager
+
+__all__ = ["build_admin_router"]
+
+
+class AliasMove(BaseModel):
+    version: int = Field(ge=1, description="the version the alias points at")
+
+
+def _json_field(name: str, raw: str | None) -> Any:
+    if raw is None or raw == "":
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise MalformedInputError(f"field {name!r} is not valid JSON: {exc}") from None
+
+
+def _save_upload(upload: UploadFile, directory: Path) -> Path:
+    name = Path(upload.filename or "artifact").name or "artifact"
+    target = directory / name
+    with target.open("wb") as out:
+        shutil.copyfileobj(upload.file, out)
+    return target
+
+
+def build_admin_router(
+    registry: Registry, manager: ModelManager, admin_keys: tuple[bytes, ...]
+) -> APIRouter:
+    async def admin(request: Request) -> None:
+        check_key(dict(request.scope["headers"]), admin_keys)
+
+    router = APIRouter(prefix="/admin", dependencies=[Depends(admin)], tags=["admin"])
+
+    @router.get("/models")
+    async def list_models() -> dict[str, Any]:
+        return {"models": [describe_model(m) for m in await registry.list_models()]}
+
+    @router.get("/models/{name}")
+    async def show_model(name: str) -> dict[str, Any]:
+        summary = await registry.get_model(name)
+        versions = await registry.list_versions(name)
+        return {**describe_model(summary), "details": [describe_version(v) for v in versions]}
+
+    @router.get("/models/{name}/versions/{version}")
+    async def show_version(name: str, version: int) -> dict[str, Any]:
+        return dict(describe_version(await registry.get_version(name, version)))
+
+    @router.post("/models/{name}/versions", status_code=201)
+    async def register(
+        name: str,
+        artifact: Annotated[UploadFile, File(description="the model file")],
+        format: Annotated[str, Form(description="lightgbm, xgboost, onnx, sklearn or python")],
+        alias: Annotated[str | None, Form()] = None,
+        feature_schema: Annotated[
+            str | None, Form(alias="schema", description="the feature schema as JSON")
+        ] = None,
+        metrics: Annotated[str | None, Form(description="a JSON object of numbers")] = None,
+        tags: Annotated[str | None, Form(description="a JSON object of strings")] = None,
+        trust: Annotated[bool, Form(description="allow a pickle artifact")] = False,
+    ) -> dict[str, Any]:
+        raw_schema = _json_field("schema", feature_schema)
+        try:
+            parsed = FeatureSchema.from_list(raw_schema) if raw_schema is not None else None
+        except ValueError as exc:
+            raise MalformedInputError(f"field 'schema': {exc}") from None
+        with tempfile.TemporaryDirectory(prefix="interlock-upload-") as tmp:
+            path = await asyncio.to_thread(_save_upload, artifact, Path(tmp))
+            version = await registry.register(
+                name,
+                path,
+                format,
+                schema=parsed,
+                metrics=_json_field("metrics", metrics),
+                tags=_json_field("tags", tags),
+                alias=alias,
+                trusted=trust,
+            )
+        if alias is not None:
+            await manager.refresh()
+        return dict(describe_version(version))
+
+    @router.put("/models/{name}/aliases/{alias}")
+    async def move_alias(name: str, alias: str, body: AliasMove) -> dict[str, Any]:
+        await registry.set_alias(name, alias, body.version)
+        await manager.refresh()
+        return {"model": name, "alias": alias, "version": body.version}
+
+    @router.delete("/models/{name}/aliases/{alias}", status_code=204)
+    async def delete_alias(name: str, alias: str) -> None:
+        await registry.delete_alias(name, alias)
+        await manager.refresh()
+
+    return router

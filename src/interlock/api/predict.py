@@ -1,0 +1,214 @@
+"""The prediction hot path: KServe V1 ``:predict`` and Open Inference Protocol ``/infer``.
+
+These two routes carry nearly all traffic, so they are plain ASGI: one pass over the
+headers, the body read against its size limit, the rows decoded and checked, the
+batcher awaited, one ``orjson`` encode. Everything else (metadata, health, admin,
+metrics) goes to the FastAPI app behind it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from interlock._core.ids import new_request_id
+from interlock._core.logs import request_id_var
+from interlock.api import v2codec
+from interlock.api.errors import status_for
+from interlock.errors import (
+    AuthError,
+    InterlockError,
+    MalformedInputError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+)
+from interlock.monitoring.metrics import ServingMetrics
+from interlock.serving.models import LoadedModel, ModelManager
+
+__all__ = ["PredictionApp", "check_key"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger("interlock.api")
+
+_V2_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_JSON = (b"content-type", b"application/json")
+
+
+def check_key(headers: dict[bytes, bytes], keys: tuple[bytes, ...]) -> None:
+    """Raise AuthError unless ``Authorization: Bearer K`` or ``x-api-key: K`` holds a key."""
+    if not keys:
+        return
+    offered = headers.get(b"x-api-key")
+    if offered is None:
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            offered = auth[7:].strip()
+    if offered is None:
+        raise AuthError("a key is required: send 'Authorization: Bearer <key>'")
+    if not any(hmac.compare_digest(offered, key) for key in keys):
+        raise AuthError("the key is not valid")
+
+
+class PredictionApp:
+    """ASGI app answering predictions itself and passing every other request on."""
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        metrics: ServingMetrics,
+        fallback: ASGIApp,
+        *,
+        max_body_bytes: int,
+        client_keys: tuple[bytes, ...] = (),
+    ) -> None:
+        self._manager = manager
+        self._metrics = metrics
+        self._fallback = fallback
+        self._max_body = max_body_bytes
+        self._keys = client_keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            if path.startswith("/v1/models/") and path.endswith(":predict"):
+                await self._serve(scope, receive, send, "v1", path[11:-8], None)
+                return
+            if path.startswith("/v2/models/") and path.endswith("/infer"):
+                match = _V2_PATH.match(path)
+                if match is not None:
+                    await self._serve(scope, receive, send, "v2", match[1], match[2])
+                    return
+        await self._fallback(scope, receive, send)
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        protocol: str,
+        ref: str,
+        version_text: str | None,
+    ) -> None:
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        rid_raw = headers.get(b"x-request-id")
+        rid = rid_raw.decode("latin-1") if rid_raw else ""
+        if not _REQUEST_ID_OK.match(rid):
+            rid = new_request_id()
+        token = request_id_var.set(rid)
+        loaded: LoadedModel | None = None
+        extra: list[tuple[bytes, bytes]] = []
+        try:
+            check_key(headers, self._keys)
+            body = await self._read_body(receive, headers)
+            version = None
+            if version_text is not None:
+                if not version_text.isdigit():
+                    raise ModelNotFoundError(f"version {version_text!r} is not a version number")
+                version = int(version_text)
+            loaded = await self._manager.get(ref, version)
+            if protocol == "v1":
+                payload, extra = await self._v1(loaded, body)
+            else:
+                payload, extra = await self._v2(loaded, body, headers)
+            status = 200
+        except InterlockError as exc:
+            status = status_for(exc)
+            payload = orjson.dumps({"error": str(exc)})
+            if status >= 500:
+                log.error("prediction failed", extra={"route": ref, "error": str(exc)})
+        except Exception:
+            status = 500
+            payload = orjson.dumps({"error": "internal error; the request id is " + rid})
+            log.exception("unexpected error in the prediction path", extra={"route": ref})
+        finally:
+            request_id_var.reset(token)
+        response_headers = [
+            (b"content-length", str(len(payload)).encode()),
+            (b"x-request-id", rid.encode()),
+        ]
+        if not extra:
+            response_headers.append(_JSON)
+        response_headers.extend(extra)
+        if loaded is not None:
+            response_headers.append((b"x-interlock-model-version", str(loaded.number).encode()))
+        if status == 401:
+            response_headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": payload})
+        if loaded is not None:
+            model, version_label = loaded.name, str(loaded.number)
+        else:
+            model, version_label = "", ""  # unknown names are not labels: bounded cardinality
+        self._metrics.request_done(
+            model, version_label, protocol, status, time.perf_counter() - started
+        )
+
+    async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
+        limit = self._max_body
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLargeError(f"the body is over the {limit}-byte limit")
+        message = await receive()
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            if len(body) > limit:
+                raise PayloadTooLargeError(f"the body is over the {limit}-byte limit")
+            return body
+        chunks = [body]
+        size = len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLargeError(f"the body is over the {limit}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _v1(
+        self, loaded: LoadedModel, body: bytes
+    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise MalformedInputError(f"the body is not valid JSON: {exc}") from None
+        if type(doc) is not dict or "instances" not in doc:
+            raise MalformedInputError("the body must be a JSON object with 'instances'")
+        batch, rows = loaded.decoder.rows(doc["instances"])
+        values = await loaded.batcher.submit(batch, rows)
+        out = {
+            "predictions": values,
+            "model_name": loaded.name,
+            "model_version": str(loaded.number),
+        }
+        return orjson.dumps(out), []
+
+    async def _v2(
+        self, loaded: LoadedModel, body: bytes, headers: dict[bytes, bytes]
+    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        header_len = headers.get(b"inference-header-content-length")
+        if header_len is not None and not header_len.isdigit():
+            raise MalformedInputError("Inference-Header-Content-Length must be a number")
+        request = v2codec.parse_request(body, int(header_len) if header_len else None)
+        batch, rows = loaded.decoder.tensors(request.inputs)
+        values = await loaded.batcher.submit(batch, rows)
+        payload, json_len = v2codec.encode_response(loaded.name, loaded.number, request, values)
+        if json_len is None:
+            return payload, []
+        return payload, [
+            (b"content-type", b"application/octet-stream"),
+            (b"inference-header-content-length", str(json_len).encode()),
+        ]

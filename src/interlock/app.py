@@ -1,0 +1,149 @@
+"""The composition root: builds every component from the settings and wires them.
+
+Only entrypoints (the CLI, tests, benchmarks) import this module. Nothing here runs on
+import: components are built by :func:`create_app` and started in the ASGI lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from interlock import __version__
+from interlock._core.clock import SystemClock
+from interlock.api.admin import build_admin_router
+from interlock.api.errors import status_for
+from interlock.api.inference import build_inference_router
+from interlock.api.predict import ASGIApp, PredictionApp
+from interlock.errors import InterlockError
+from interlock.monitoring.metrics import ServingMetrics
+from interlock.registry import Registry
+from interlock.runtime.loaders import inspect_artifact
+from interlock.serving.models import ModelManager
+from interlock.settings import Settings
+from interlock.store.artifacts import ArtifactStore
+from interlock.store.db import Database
+
+__all__ = ["Components", "create_app", "open_registry"]
+
+log = logging.getLogger("interlock")
+
+
+@dataclass(slots=True)
+class Components:
+    """The long-lived parts of one serving process."""
+
+    settings: Settings
+    database: Database
+    artifacts: ArtifactStore
+    registry: Registry
+    metrics: ServingMetrics
+    manager: ModelManager
+
+
+def _registry(settings: Settings) -> tuple[Database, ArtifactStore, Registry]:
+    database = Database(settings.effective_database_url)
+    artifacts = ArtifactStore(settings.effective_artifacts_dir)
+    registry = Registry(database, artifacts, inspect_artifact, SystemClock())
+    return database, artifacts, registry
+
+
+@contextlib.asynccontextmanager
+async def open_registry(settings: Settings) -> AsyncIterator[Registry]:
+    """A migrated registry for one-off work (the CLI), closed on exit."""
+    database, _artifacts, registry = _registry(settings)
+    try:
+        await asyncio.to_thread(database.migrate)
+        yield registry
+    finally:
+        await database.aclose()
+
+
+def _keys(secrets: Any) -> tuple[bytes, ...]:
+    return tuple(s.get_secret_value().encode() for s in secrets)
+
+
+def build_components(settings: Settings) -> Components:
+    database, artifacts, registry = _registry(settings)
+    metrics = ServingMetrics()
+    manager = ModelManager(registry, artifacts, settings.serving, metrics)
+    metrics.watch_queues(
+        lambda: [
+            (m.name, m.number, m.batcher.queued_rows, m.batcher.in_flight) for m in manager.loaded()
+        ]
+    )
+    return Components(settings, database, artifacts, registry, metrics, manager)
+
+
+async def _preload(components: Components) -> None:
+    """Load every model's default route before taking traffic; failures are only logged."""
+    for name in await components.registry.routing():
+        try:
+            await components.manager.get(name)
+        except InterlockError as exc:
+            log.error("model failed to preload", extra={"model": name, "error": str(exc)})
+
+
+def create_app(settings: Settings, components: Components | None = None) -> ASGIApp:
+    """The ASGI app of ``interlock serve``."""
+    parts = components or build_components(settings)
+    admin_keys = _keys([settings.auth.admin_key] if settings.auth.admin_key else [])
+    client_keys = _keys(settings.auth.client_keys) + admin_keys if settings.auth.client_keys else ()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        await asyncio.to_thread(parts.database.migrate)
+        await _preload(parts)
+        await parts.manager.start()
+        log.info("interlock is serving", extra={"version": __version__})
+        try:
+            yield {"components": parts}
+        finally:
+            await parts.manager.aclose()
+            await parts.database.aclose()
+
+    api = FastAPI(
+        title="interlock",
+        version=__version__,
+        lifespan=lifespan,
+    )
+
+    @api.exception_handler(InterlockError)
+    async def interlock_error(_request: Request, exc: InterlockError) -> JSONResponse:
+        status = status_for(exc)
+        headers = {"www-authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"] if p != "body") or "request"
+        return JSONResponse({"error": f"{where}: {first['msg']}"}, status_code=422)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    async def versions_of(name: str) -> list[int]:
+        return (await parts.registry.get_model(name)).versions
+
+    api.include_router(
+        build_inference_router(parts.manager, parts.metrics, versions_of, client_keys)
+    )
+    api.include_router(build_admin_router(parts.registry, parts.manager, admin_keys))
+    return PredictionApp(
+        parts.manager,
+        parts.metrics,
+        api,
+        max_body_bytes=settings.server.max_body_bytes,
+        client_keys=client_keys,
+    )

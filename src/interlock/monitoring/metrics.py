@@ -1,0 +1,136 @@
+"""Prometheus metrics of a serving process, all named ``interlock_*``.
+
+Each app owns its own ``CollectorRegistry`` (no global state), so two apps in one
+process, as in tests, never mix their figures. Queue depth is read from the batchers at
+scrape time rather than updated on every request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["ServingMetrics"]
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+QueueReader = Callable[[], Iterable[tuple[str, int, int, int]]]
+
+
+class _QueueCollector(Collector):
+    def __init__(self, read: QueueReader) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        depth = GaugeMetricFamily(
+            "interlock_queue_depth_rows",
+            "Rows waiting for an inference thread, per loaded version.",
+            labels=["model", "version"],
+        )
+        running = GaugeMetricFamily(
+            "interlock_batches_in_flight",
+            "Batches being predicted now, per loaded version.",
+            labels=["model", "version"],
+        )
+        for model, version, queued, in_flight in self._read():
+            depth.add_metric([model, str(version)], queued)
+            running.add_metric([model, str(version)], in_flight)
+        yield depth
+        yield running
+
+
+class ServingMetrics:
+    """The collectors of one serving app, and the cheap calls that feed them."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "interlock_requests",
+            "Prediction requests answered, by model, version, protocol and HTTP status.",
+            ["model", "version", "protocol", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "interlock_request_latency_seconds",
+            "Time from a prediction request's arrival to its answer.",
+            ["model", "version", "protocol", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rows = Counter(
+            "interlock_predicted_rows",
+            "Rows predicted, by model and version.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "interlock_batch_size_rows",
+            "Rows per batch sent to a model.",
+            ["model", "version"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.load_seconds = Histogram(
+            "interlock_model_load_seconds",
+            "Time to load and warm a model version.",
+            ["model"],
+            buckets=_LOAD_BUCKETS,
+            registry=self.registry,
+        )
+        self.loaded_versions = Gauge(
+            "interlock_model_loaded",
+            "1 for each model version loaded in this process.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self._request_children: dict[
+            tuple[str, str, str, int], tuple[Callable[[], None], Callable[[float], None]]
+        ] = {}
+        self._batch_children: dict[tuple[str, int], tuple[Callable[[float], None], ...]] = {}
+
+    def watch_queues(self, read: QueueReader) -> None:
+        self.registry.register(_QueueCollector(read))
+
+    def request_done(
+        self, model: str, version: str, protocol: str, status: int, seconds: float
+    ) -> None:
+        key = (model, version, protocol, status)
+        children = self._request_children.get(key)
+        if children is None:
+            labels = (model, version, protocol, str(status))
+            children = (
+                self.requests.labels(*labels).inc,
+                self.latency.labels(*labels).observe,
+            )
+            if len(self._request_children) < 10_000:  # bounded: unknown names are not cached
+                self._request_children[key] = children
+        children[0]()
+        children[1](seconds)
+
+    # ServingObserver
+    def model_loaded(self, model: str, version: int, seconds: float) -> None:
+        self.load_seconds.labels(model).observe(seconds)
+        self.loaded_versions.labels(model, str(version)).set(1)
+
+    def batch_done(self, model: str, version: int, rows: int) -> None:
+        key = (model, version)
+        children = self._batch_children.get(key)
+        if children is None:
+            children = (
+                self.batch_size.labels(model, str(version)).observe,
+                self.rows.labels(model, str(version)).inc,
+            )
+            self._batch_children[key] = children
+        children[0](rows)
+        children[1](rows)
+
+    def model_unloaded(self, model: str, version: int) -> None:
+        self.loaded_versions.labels(model, str(version)).set(0)

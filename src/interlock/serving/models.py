@@ -1,0 +1,305 @@
+"""The models a serving process holds: loaded once, warmed, and swapped without a gap.
+
+A *route* is what a client names: ``fraud`` (its ``champion`` alias, else its latest
+version), ``fraud@challenger``, ``fraud@latest``. Each route points at a loaded version.
+Every ``alias_refresh_s`` the manager re-reads the registry's aliases in one query;
+when a route's target moved (here or on another node), the new version is loaded and
+warmed *before* the route is switched, so requests never wait on a load and never fail
+during a swap. A version no route points at any more is unloaded after its last
+request has been answered.
+
+Pinned versions (``/v2/models/{name}/versions/{v}``) load on first use and stay loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from interlock._core.schema import FeatureSchema, FeatureType
+from interlock.errors import InterlockError, ModelNotFoundError, RuntimeLoadError
+from interlock.registry import ModelRouting, ModelVersion, Registry
+from interlock.runtime.base import Predictor
+from interlock.runtime.batcher import Batcher
+from interlock.runtime.loaders import load_predictor
+from interlock.serving.decode import Decoder
+from interlock.settings import ServingSettings
+from interlock.store.artifacts import ArtifactStore
+
+__all__ = ["LoadedModel", "ModelManager", "ServingObserver"]
+
+log = logging.getLogger("interlock.serving")
+
+UNLOAD_GRACE_S = 5.0
+
+
+class ServingObserver(Protocol):
+    """What the manager reports, for metrics."""
+
+    def model_loaded(self, model: str, version: int, seconds: float) -> None: ...
+
+    def batch_done(self, model: str, version: int, rows: int) -> None: ...
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """One version, ready: its predictor behind a batcher, and its request decoder."""
+
+    version: ModelVersion
+    predictor: Predictor
+    batcher: Batcher
+    decoder: Decoder
+    load_seconds: float
+
+    @property
+    def name(self) -> str:
+        return self.version.model
+
+    @property
+    def number(self) -> int:
+        return self.version.version
+
+
+def _split_ref(ref: str) -> tuple[str, str | None]:
+    name, sep, alias = ref.partition("@")
+    if not name or (sep and not alias):
+        raise ModelNotFoundError(f"{ref!r} is not a model reference; use NAME or NAME@ALIAS")
+    return name, (alias or None)
+
+
+def _target(routing: ModelRouting, alias: str | None) -> int | None:
+    if alias is None:
+        return routing.aliases.get("champion", routing.latest)
+    if alias == "latest":
+        return routing.latest
+    return routing.aliases.get(alias)
+
+
+def warm_input(schema: FeatureSchema | None, takes_rows: bool) -> Any:
+    """One synthetic row inside the training ranges, to warm a freshly loaded model."""
+    if schema is None:
+        return None
+    row: dict[str, Any] = {}
+    codes: list[float] = []
+    for feature in schema.features:
+        lo, hi = feature.minimum, feature.maximum
+        mid = (lo + hi) / 2 if lo is not None and hi is not None else (lo or hi or 0.0)
+        if feature.type is FeatureType.CATEGORY:
+            value: Any = feature.categories[0] if feature.categories else None
+            code = 0.0
+        elif feature.type is FeatureType.BOOL:
+            value, code = False, 0.0
+        elif feature.type is FeatureType.INT:
+            value = int(mid)
+            code = float(value)
+        else:
+            value = code = float(mid)
+        row[feature.name] = value
+        codes.append(code)
+    if takes_rows:
+        return [row]
+    import numpy as np
+
+    return np.array([codes], dtype=np.float64)
+
+
+class ModelManager:
+    """Loads, warms, routes and unloads model versions for one serving process."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        artifacts: ArtifactStore,
+        settings: ServingSettings,
+        observer: ServingObserver | None = None,
+    ) -> None:
+        self._registry = registry
+        self._artifacts = artifacts
+        self._settings = settings
+        self._observer = observer
+        self._routes: dict[str, LoadedModel] = {}
+        self._loaded: dict[tuple[str, int], LoadedModel] = {}
+        self._loading: dict[tuple[str, int], asyncio.Task[LoadedModel]] = {}
+        self._failed: dict[tuple[str, int], float] = {}
+        self._refresh_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._refresher: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._refresher = asyncio.create_task(self._refresh_forever(), name="alias-refresh")
+
+    async def aclose(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        for task in list(self._tasks) + list(self._loading.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._loading.values(), return_exceptions=True)
+        for loaded in list(self._loaded.values()):
+            await self._close(loaded)
+        self._loaded.clear()
+        self._routes.clear()
+
+    # -- the request path -------------------------------------------------------------
+
+    async def get(self, ref: str, version: int | None = None) -> LoadedModel:
+        """The loaded version that answers ``ref`` (or ``ref``'s pinned ``version``)."""
+        if version is None:
+            loaded = self._routes.get(ref)
+            if loaded is not None:
+                return loaded
+            name, alias = _split_ref(ref)
+            target = await self._registry.resolve(ref)
+            loaded = await self._ensure_loaded(target)
+            # Another request may have routed it meanwhile; either is the same version.
+            return self._routes.setdefault(ref, loaded)
+        name, alias = _split_ref(ref)
+        if alias is not None:
+            raise ModelNotFoundError(f"give either an alias or a version, not both: {ref!r}")
+        loaded = self._loaded.get((name, version))
+        if loaded is not None:
+            return loaded
+        return await self._ensure_loaded(await self._registry.get_version(name, version))
+
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._loaded.values())
+
+    def routes(self) -> dict[str, LoadedModel]:
+        return dict(self._routes)
+
+    # -- loading ---------------------------------------------------------------------
+
+    async def _ensure_loaded(self, mv: ModelVersion) -> LoadedModel:
+        key = (mv.model, mv.version)
+        loaded = self._loaded.get(key)
+        if loaded is not None:
+            return loaded
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load(mv), name=f"load-{mv.model}-{mv.version}")
+            self._loading[key] = task
+            task.add_done_callback(lambda _t: self._loading.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _load(self, mv: ModelVersion) -> LoadedModel:
+        started = time.perf_counter()
+        threads = self._settings.model_threads
+        predictor = await asyncio.to_thread(self._load_blocking, mv, threads)
+        observer = self._observer
+        on_batch: Callable[[int], None] | None = None
+        if observer is not None:
+
+            def on_batch(rows: int) -> None:
+                observer.batch_done(mv.model, mv.version, rows)
+
+        batcher = Batcher(
+            predictor.predict,
+            takes_rows=predictor.takes_rows,
+            max_batch_size=self._settings.max_batch_size,
+            max_wait_s=self._settings.max_batch_wait_ms / 1000,
+            threads=threads,
+            name=f"{mv.model}-v{mv.version}",
+            on_batch=on_batch,
+        )
+        seconds = time.perf_counter() - started
+        loaded = LoadedModel(
+            mv, predictor, batcher, Decoder(mv.schema, takes_rows=predictor.takes_rows), seconds
+        )
+        self._loaded[(mv.model, mv.version)] = loaded
+        if observer is not None:
+            observer.model_loaded(mv.model, mv.version, seconds)
+        log.info(
+            "model loaded",
+            extra={"model": mv.model, "version": mv.version, "load_ms": round(seconds * 1000, 1)},
+        )
+        return loaded
+
+    def _load_blocking(self, mv: ModelVersion, threads: int) -> Predictor:
+        """In a thread: check the artifact's bytes, load it, run one row through it."""
+        try:
+            self._artifacts.verify(mv.artifact_path, mv.artifact_sha256)
+            predictor = load_predictor(
+                mv.format, mv.artifact_path, schema=mv.schema, threads=threads, trusted=mv.trusted
+            )
+        except InterlockError as exc:
+            raise RuntimeLoadError(f"{mv.model} version {mv.version} cannot load: {exc}") from exc
+        warm = warm_input(mv.schema, predictor.takes_rows)
+        if warm is not None:
+            try:
+                predictor.predict(warm)
+            except Exception as exc:
+                predictor.close()
+                raise RuntimeLoadError(
+                    f"{mv.model} version {mv.version} failed its warm-up prediction: {exc!r}"
+                ) from exc
+        return predictor
+
+    async def _close(self, loaded: LoadedModel) -> None:
+        await loaded.batcher.aclose()
+        await asyncio.to_thread(loaded.predictor.close)
+
+    # -- following the registry --------------------------------------------------------
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.alias_refresh_s)
+            try:
+                await self.refresh()
+            except InterlockError as exc:
+                log.warning("could not refresh model routes", extra={"error": str(exc)})
+
+    async def refresh(self) -> None:
+        """Re-read the aliases; load and warm every moved target, then switch its route."""
+        async with self._refresh_lock:
+            routing = await self._registry.routing()
+            retired: set[tuple[str, int]] = set()
+            for ref, current in list(self._routes.items()):
+                name, alias = _split_ref(ref)
+                model = routing.get(name)
+                target = None if model is None else _target(model, alias)
+                if target is None:
+                    del self._routes[ref]  # the next request resolves it, and gets a 404
+                    retired.add((current.name, current.number))
+                    continue
+                if target == current.number:
+                    continue
+                key = (name, target)
+                if time.monotonic() - self._failed.get(key, -1e9) < 30.0:
+                    continue  # it failed to load recently; keep serving the current version
+                try:
+                    fresh = await self._ensure_loaded(
+                        await self._registry.get_version(name, target)
+                    )
+                except (InterlockError, OSError) as exc:
+                    self._failed[key] = time.monotonic()
+                    log.error(
+                        "new target failed to load; the current version keeps serving",
+                        extra={"route": ref, "version": target, "error": str(exc)},
+                    )
+                    continue
+                self._routes[ref] = fresh
+                retired.add((current.name, current.number))
+                log.info(
+                    "route switched",
+                    extra={"route": ref, "from_version": current.number, "to_version": target},
+                )
+            in_use = {(m.name, m.number) for m in self._routes.values()}
+            for key in retired - in_use:
+                loaded = self._loaded.pop(key, None)
+                if loaded is not None:
+                    task = asyncio.create_task(self._unload_later(loaded))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+
+    async def _unload_later(self, loaded: LoadedModel) -> None:
+        await asyncio.sleep(UNLOAD_GRACE_S)
+        await self._close(loaded)
+        log.info("model unloaded", extra={"model": loaded.name, "version": loaded.number})

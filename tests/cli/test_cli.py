@@ -1,0 +1,108 @@
+"""The ``interlock`` command as a user runs it: real processes, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.api.support import write_python_model
+
+
+def run(
+    home: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("INTERLOCK_")}
+    environment.update({"INTERLOCK_HOME": str(home), **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "interlock", *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=home.parent,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_register_list_show_and_alias(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    model = write_python_model(tmp_path / "m")
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"auc": 0.91}')
+
+    first = run(home, "models", "register", "calc", str(model), "--format", "python",
+                "--alias", "champion", "--metrics", str(metrics))  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "1"
+    second = run(home, "models", "register", "calc", str(model), "--format", "python")
+    assert second.stdout.strip() == "2"
+
+    listed = run(home, "models", "list", "--json")
+    assert json.loads(listed.stdout) == [
+        {
+            "name": "calc",
+            "versions": [1, 2],
+            "latest": 2,
+            "aliases": {"champion": 1},
+            "created_at": json.loads(listed.stdout)[0]["created_at"],
+        }
+    ]
+    table = run(home, "models", "list")
+    assert "calc" in table.stdout and "champion→1" in table.stdout
+
+    moved = run(home, "models", "alias", "calc", "champion", "2")
+    assert moved.returncode == 0, moved.stderr
+    shown = json.loads(run(home, "models", "show", "calc", "--json").stdout)
+    assert shown["aliases"] == {"champion": 2}
+    assert shown["details"][0]["metrics"] == {"auc": 0.91}
+    assert shown["details"][0]["schema"][1] == {"name": "b", "type": "int"}
+    assert "sha256" in run(home, "models", "show", "calc").stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("models", "show", "nope"), "error: no model named 'nope'"),
+        (("models", "alias", "nope", "champion", "1"), "error: no model named 'nope'"),
+        (("models", "register", "x", "MISSING.py", "--format", "python"), "does not exist"),
+        (("models", "register", "x", "PLACEHOLDER", "--format", "pytorch"), "pytorch"),
+        (("models", "register", "x", "PLACEHOLDER", "--format", "python", "--schema", "nope.json"),
+         "cannot read schema file"),
+        (("models", "register", "x", "PLACEHOLDER", "--format", "sklearn"), "error:"),
+    ],
+)  # fmt: skip
+def test_mistakes_exit_non_zero_with_one_line(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    model = write_python_model(tmp_path / "m")
+    result = run(tmp_path / "home", *(str(model) if a == "PLACEHOLDER" else a for a in args))
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_show_masks_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "interlock.toml"
+    config.write_text(
+        'database_url = "postgresql://u:hunter2@db/x"\n[auth]\nadmin_key = "s3cret"\n'
+    )
+    result = run(tmp_path / "home", "--config", str(config), "config", "show")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["database_url"] == "postgresql://u:***@db/x"
+    assert shown["auth"]["admin_key"] == "********"
+    assert "hunter2" not in result.stdout and "s3cret" not in result.stdout
+
+
+def test_a_broken_config_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "interlock.toml"
+    config.write_text("[server]\nport = 'eighty'\n")
+    result = run(tmp_path / "home", "--config", str(config), "config", "show")
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: invalid setting server.port")
+    assert len(result.stderr.strip().splitlines()) == 1

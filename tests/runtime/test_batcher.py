@@ -1,0 +1,136 @@
+"""The adaptive batcher: grouping, result routing, failures, and staying off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from interlock.errors import PredictionError
+from interlock.runtime.batcher import Batcher
+
+
+class Gate:
+    """A predictor that blocks until released, recording each batch it was given."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.batches: list[int] = []
+        self.threads: set[int] = set()
+
+    def __call__(self, batch: Any) -> Any:
+        self.threads.add(threading.get_ident())
+        self.batches.append(len(batch))
+        self.entered.set()
+        self.release.wait(10)
+        return np.asarray(batch, dtype=np.float64)[:, 0] * 2
+
+
+async def _enqueued(batcher: Batcher, rows: int) -> None:
+    """Yield to the loop until ``rows`` rows are queued (tasks enqueue on their first step)."""
+    for _ in range(1000):
+        if batcher.queued_rows >= rows:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"only {batcher.queued_rows} rows were queued")
+
+
+async def test_requests_queued_while_busy_are_predicted_together() -> None:
+    gate = Gate()
+    batcher = Batcher(gate, takes_rows=False, max_batch_size=64, threads=1)
+    first = asyncio.create_task(batcher.submit(np.array([[1.0]]), 1))
+    await asyncio.to_thread(gate.entered.wait, 10)
+    rest = [
+        asyncio.create_task(batcher.submit(np.array([[float(i)], [float(i) + 0.5]]), 2))
+        for i in range(10)
+    ]
+    await _enqueued(batcher, 20)
+    gate.release.set()
+    assert await first == [2.0]
+    results = await asyncio.gather(*rest)
+    assert results == [[2.0 * i, 2.0 * i + 1.0] for i in range(10)]
+    assert gate.batches == [1, 20]
+    await batcher.aclose()
+
+
+async def test_an_idle_batcher_never_waits_for_a_batch_to_fill() -> None:
+    gate = Gate()
+    gate.release.set()
+    batcher = Batcher(gate, takes_rows=False, max_batch_size=64, max_wait_s=30.0, threads=1)
+    # With a 30 s max wait, an answer at all proves the idle batcher dispatched at once.
+    assert await asyncio.wait_for(batcher.submit(np.array([[3.0]]), 1), 10) == [6.0]
+    await batcher.aclose()
+
+
+async def test_batches_never_exceed_the_maximum_size() -> None:
+    gate = Gate()
+    batcher = Batcher(gate, takes_rows=False, max_batch_size=8, threads=1)
+    first = asyncio.create_task(batcher.submit(np.zeros((1, 1)), 1))
+    await asyncio.to_thread(gate.entered.wait, 10)
+    rest = [asyncio.create_task(batcher.submit(np.zeros((3, 1)), 3)) for _ in range(6)]
+    await _enqueued(batcher, 18)
+    gate.release.set()
+    await asyncio.gather(first, *rest)
+    assert gate.batches == [1, 6, 6, 6]
+    await batcher.aclose()
+
+
+async def test_a_request_larger_than_the_maximum_still_goes_alone() -> None:
+    gate = Gate()
+    gate.release.set()
+    batcher = Batcher(gate, takes_rows=False, max_batch_size=4, threads=1)
+    result = await batcher.submit(np.arange(10, dtype=np.float64).reshape(10, 1), 10)
+    assert result == [2.0 * i for i in range(10)]
+    await batcher.aclose()
+
+
+async def test_model_work_runs_off_the_event_loop_thread() -> None:
+    gate = Gate()
+    gate.release.set()
+    batcher = Batcher(gate, takes_rows=False, threads=2)
+    await asyncio.gather(*(batcher.submit(np.ones((1, 1)), 1) for _ in range(20)))
+    assert gate.threads
+    assert threading.get_ident() not in gate.threads
+    await batcher.aclose()
+
+
+async def test_a_failing_batch_fails_every_request_in_it_and_the_next_batch_runs() -> None:
+    calls = 0
+
+    def flaky(batch: Any) -> list[Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("boom")
+        return [r["x"] for r in batch]
+
+    batcher = Batcher(flaky, takes_rows=True, threads=1)
+    with pytest.raises(PredictionError, match="boom"):
+        await batcher.submit([{"x": 1}], 1)
+    assert await batcher.submit([{"x": 5}, {"x": 6}], 2) == [5, 6]
+    assert batcher.stats.failures == 1
+    await batcher.aclose()
+
+
+async def test_a_wrong_number_of_results_is_an_error_not_a_misrouted_answer() -> None:
+    batcher = Batcher(lambda batch: [1], takes_rows=True, threads=1)
+    with pytest.raises(PredictionError, match="1 results for 2 rows"):
+        await batcher.submit([{"x": 1}, {"x": 2}], 2)
+    await batcher.aclose()
+
+
+async def test_closing_finishes_queued_work_then_refuses_new_work() -> None:
+    gate = Gate()
+    batcher = Batcher(gate, takes_rows=False, threads=1)
+    pending = asyncio.create_task(batcher.submit(np.ones((1, 1)), 1))
+    await asyncio.to_thread(gate.entered.wait, 10)
+    closing = asyncio.create_task(batcher.aclose())
+    gate.release.set()
+    assert await pending == [2.0]
+    await closing
+    with pytest.raises(PredictionError, match="unloaded"):
+        await batcher.submit(np.ones((1, 1)), 1)
