@@ -134,3 +134,29 @@ async def test_closing_finishes_queued_work_then_refuses_new_work() -> None:
     await closing
     with pytest.raises(PredictionError, match="unloaded"):
         await batcher.submit(np.ones((1, 1)), 1)
+
+
+async def test_rows_the_model_rejects_fail_only_the_request_that_sent_them() -> None:
+    gate = threading.Event()
+
+    def picky(batch: Any) -> Any:
+        gate.wait(10)
+        if np.isnan(batch).any():
+            raise ValueError("Input X contains NaN")
+        return batch[:, 0]
+
+    batcher = Batcher(picky, takes_rows=False, threads=1)
+    first = asyncio.create_task(batcher.submit(np.array([[1.0]]), 1))
+    await asyncio.sleep(0)
+    good = asyncio.create_task(batcher.submit(np.array([[2.0]]), 1))
+    bad = asyncio.create_task(batcher.submit(np.array([[np.nan]]), 1))
+    also_good = asyncio.create_task(batcher.submit(np.array([[3.0]]), 1))
+    await _enqueued(batcher, 3)
+    gate.set()
+    assert await first == [1.0]
+    assert await good == [2.0]
+    assert await also_good == [3.0]
+    with pytest.raises(PredictionError, match="contains NaN"):
+        await bad
+    assert batcher.stats.failures == 1
+    await batcher.aclose()

@@ -8,6 +8,8 @@ for more rows before it takes a free thread.
 
 Model work runs in the batcher's own threads, never on the event loop. Results are
 turned into Python values inside those threads too, so the loop only hands slices back.
+When a batch of several requests fails, each is retried on its own: one client's rows
+that the model rejects never fail the other requests batched with them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class _Pending:
     batch: Any  # a float64 matrix [rows, features] or a list of row dicts
     rows: int
     future: asyncio.Future[list[Any]]
+    alone: bool = False  # retried on its own after its batch failed
 
 
 @dataclass(slots=True)
@@ -116,7 +119,12 @@ class Batcher:
     def _start_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         taken: list[_Pending] = [self._queue.popleft()]
         rows = taken[0].rows
-        while self._queue and rows + self._queue[0].rows <= self._max_rows:
+        while (
+            not taken[0].alone
+            and self._queue
+            and not self._queue[0].alone
+            and rows + self._queue[0].rows <= self._max_rows
+        ):
             item = self._queue.popleft()
             taken.append(item)
             rows += item.rows
@@ -158,9 +166,16 @@ class Batcher:
             values = done.result()
             if len(values) != rows:
                 exc = PredictionError(f"the model returned {len(values)} results for {rows} rows")
-        if exc is not None:
+        if exc is not None and len(taken) > 1:
+            # One request's rows may be what the model choked on: retry each on its own,
+            # ahead of the queue, so that only the culprit fails.
+            for item in reversed(taken):
+                item.alone = True
+                self._queue.appendleft(item)
+                self._queued_rows += item.rows
+        elif exc is not None:
             self.stats.failures += 1
-            error = exc if isinstance(exc, PredictionError) else PredictionError(repr(exc))
+            error = exc if isinstance(exc, PredictionError) else PredictionError(str(exc))
             error.__cause__ = exc if error is not exc else None
             for item in taken:
                 if not item.future.done():
