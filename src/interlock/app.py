@@ -33,7 +33,7 @@ from interlock.settings import Settings
 from interlock.store.artifacts import ArtifactStore
 from interlock.store.db import Database
 
-__all__ = ["Components", "create_app", "open_registry"]
+__all__ = ["Components", "build_components", "create_app", "open_registry"]
 
 log = logging.getLogger("interlock")
 

@@ -26,7 +26,7 @@ from interlock.serving.models import ModelManager
 __all__ = ["build_admin_router"]
 
 
-class AliasMove(BaseModel):
+class _AliasMove(BaseModel):
     version: int = Field(ge=1, description="the version the alias points at")
 
 
@@ -104,7 +104,7 @@ def build_admin_router(
         return dict(describe_version(version))
 
     @router.put("/models/{name}/aliases/{alias}")
-    async def move_alias(name: str, alias: str, body: AliasMove) -> dict[str, Any]:
+    async def move_alias(name: str, alias: str, body: _AliasMove) -> dict[str, Any]:
         await registry.set_alias(name, alias, body.version)
         await manager.refresh()
         return {"model": name, "alias": alias, "version": body.version}

@@ -8,7 +8,7 @@ import typer
 
 from interlock.cli._context import settings_from
 
-__all__ = ["app"]
+__all__ = ["app", "show"]
 
 app = typer.Typer(help="Inspect the settings.", no_args_is_help=True)
 

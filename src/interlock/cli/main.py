@@ -42,7 +42,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def root(
+def _root(
     ctx: typer.Context,
     config: Annotated[
         Path | None,

@@ -18,7 +18,7 @@ from interlock.errors import ConfigError
 from interlock.registry import describe_model, describe_version
 from interlock.runtime.base import ModelFormat
 
-__all__ = ["app"]
+__all__ = ["alias", "app", "list_models", "register", "show"]
 
 app = typer.Typer(help="Manage the model registry.", no_args_is_help=True)
 

@@ -16,7 +16,7 @@ from interlock.cli._context import settings_from
 from interlock.errors import ModelNotFoundError
 from interlock.settings import Settings
 
-__all__ = ["demo", "serve"]
+__all__ = ["demo", "run_server", "serve"]
 
 HostOption = Annotated[str | None, typer.Option(help="Address to listen on.")]
 PortOption = Annotated[int | None, typer.Option(help="Port to listen on.")]

@@ -31,7 +31,7 @@ from interlock.serving.decode import Decoder
 from interlock.settings import ServingSettings
 from interlock.store.artifacts import ArtifactStore
 
-__all__ = ["LoadedModel", "ModelManager", "ServingObserver"]
+__all__ = ["LoadedModel", "ModelManager", "ServingObserver", "warm_input"]
 
 log = logging.getLogger("interlock.serving")
 
