@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck unit services bench clean
+.PHONY: run test lint typecheck services bench clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,3 +46,8 @@ bench: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) .interlock .pytest_cache .mypy_cache .ruff_cache
+
+## Re-pin constraints.txt to what the dev environment has now.
+lock: $(VENV)/.installed-dev
+	( echo "# The versions make installs (pip -c): what CI tested. Refresh with 'make lock'."; \
+	  $(PIP) freeze --exclude-editable | grep -v '^-e' ) > constraints.txt
