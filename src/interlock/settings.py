@@ -15,9 +15,9 @@ environment.
 | server.port | INTERLOCK_SERVER__PORT | int | ``8000`` |
 | server.max_body_bytes | INTERLOCK_SERVER__MAX_BODY_BYTES | int | ``8388608`` (8 MiB) |
 | server.access_log | INTERLOCK_SERVER__ACCESS_LOG | bool | ``false`` |
-| serving.max_batch_size | INTERLOCK_SERVING__MAX_BATCH_SIZE | int (rows) | ``64`` |
+| serving.max_batch_size | INTERLOCK_SERVING__MAX_BATCH_SIZE | int (rows) | ``256`` |
 | serving.max_batch_wait_ms | INTERLOCK_SERVING__MAX_BATCH_WAIT_MS | float | ``0`` (greedy) |
-| serving.model_threads | INTERLOCK_SERVING__MODEL_THREADS | int | ``1`` |
+| serving.model_threads | INTERLOCK_SERVING__MODEL_THREADS | int | ``2`` |
 | serving.alias_refresh_s | INTERLOCK_SERVING__ALIAS_REFRESH_S | float | ``1.0`` |
 | auth.admin_key | INTERLOCK_AUTH__ADMIN_KEY | secret | none (admin API open) |
 | auth.client_keys | INTERLOCK_AUTH__CLIENT_KEYS | list of secrets | none (predictions open) |
@@ -70,11 +70,19 @@ class ServerSettings(BaseModel):
 class ServingSettings(BaseModel):
     model_config = _FROZEN
 
-    max_batch_size: int = Field(64, ge=1, description="rows predicted together at most")
+    max_batch_size: int = Field(256, ge=1, description="rows predicted together at most")
     max_batch_wait_ms: float = Field(
-        0.0, ge=0, description="how long a partial batch may wait for more rows while busy"
+        0.0,
+        ge=0,
+        description="while a batch runs, how long a partial batch may wait before it takes "
+        "another free thread; 0: it waits for a full batch or a free thread",
     )
-    model_threads: int = Field(1, ge=1, description="inference threads per loaded version")
+    model_threads: int = Field(
+        2,
+        ge=1,
+        description="inference threads per loaded version; the second and later "
+        "ones start only when a full batch is waiting",
+    )
     alias_refresh_s: float = Field(1.0, gt=0, description="how often aliases are re-read")
 
 

@@ -160,3 +160,49 @@ async def test_rows_the_model_rejects_fail_only_the_request_that_sent_them() -> 
         await bad
     assert batcher.stats.failures == 1
     await batcher.aclose()
+
+
+async def test_another_thread_starts_only_when_a_full_batch_waits() -> None:
+    started = threading.Semaphore(0)
+    release = threading.Event()
+    sizes: list[int] = []
+
+    def model(batch: Any) -> Any:
+        sizes.append(len(batch))
+        started.release()
+        release.wait(10)
+        return batch[:, 0]
+
+    batcher = Batcher(model, takes_rows=False, max_batch_size=4, threads=2)
+    first = asyncio.create_task(batcher.submit(np.zeros((1, 1)), 1))
+    assert await asyncio.to_thread(started.acquire, True, 10)
+    small = [asyncio.create_task(batcher.submit(np.zeros((1, 1)), 1)) for _ in range(3)]
+    await _enqueued(batcher, 3)
+    assert batcher.in_flight == 1  # three rows would not fill a batch: they wait
+    small.append(asyncio.create_task(batcher.submit(np.zeros((1, 1)), 1)))
+    await asyncio.to_thread(started.acquire, True, 10)  # a full batch went to thread two
+    assert batcher.in_flight == 2 and sizes == [1, 4]
+    release.set()
+    await asyncio.gather(first, *small)
+    await batcher.aclose()
+
+
+async def test_with_max_wait_a_partial_batch_takes_a_free_thread_after_waiting() -> None:
+    started = threading.Semaphore(0)
+    release = threading.Event()
+
+    def model(batch: Any) -> Any:
+        started.release()
+        release.wait(10)
+        return batch[:, 0]
+
+    batcher = Batcher(model, takes_rows=False, max_batch_size=64, max_wait_s=0.001, threads=2)
+    first = asyncio.create_task(batcher.submit(np.zeros((1, 1)), 1))
+    assert await asyncio.to_thread(started.acquire, True, 10)
+    second = asyncio.create_task(batcher.submit(np.zeros((1, 1)), 1))
+    # The partial batch starts on the second thread once its wait is over.
+    assert await asyncio.to_thread(started.acquire, True, 10)
+    assert batcher.in_flight == 2
+    release.set()
+    await asyncio.gather(first, second)
+    await batcher.aclose()

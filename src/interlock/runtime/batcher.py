@@ -1,10 +1,11 @@
 """Adaptive micro-batching: concurrent requests for one model version predicted together.
 
-The batcher is greedy. When an inference thread is free it takes everything queued, up
-to ``max_batch_size`` rows, at once: an idle model never waits for a batch to fill, and
-under load batches grow by themselves because requests queue while a batch runs. With
-``max_wait_s`` above zero and a batch already running, a partial batch may wait that long
-for more rows before it takes a free thread.
+The batcher is greedy. An idle model never waits: the first request goes at once. While
+a batch runs, requests queue and the next batch takes everything queued, up to
+``max_batch_size`` rows, so batches grow with load by themselves. A second (third, …)
+thread starts a batch only when a full batch is waiting: light traffic stays on one
+thread in larger batches, heavy traffic spreads over all of them. With ``max_wait_s``
+above zero, a partial batch waits at most that long before it takes a free thread.
 
 Model work runs in the batcher's own threads, never on the event loop. Results are
 turned into Python values inside those threads too, so the loop only hands slices back.
@@ -104,8 +105,10 @@ class Batcher:
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         while self._queue and self._in_flight < self._threads:
-            if self._max_wait_s > 0 and self._in_flight > 0 and self._queued_rows < self._max_rows:
-                if self._timer is None:
+            if self._in_flight > 0 and self._queued_rows < self._max_rows:
+                # A batch is running and what waits would not fill another: let it grow
+                # until a thread frees up (or, with max_wait, until it has waited enough).
+                if self._max_wait_s > 0 and self._timer is None:
                     self._timer = loop.call_later(self._max_wait_s, self._on_timer, loop)
                 return
             self._start_batch(loop)

@@ -7,8 +7,10 @@ type checks, since it runs on the event loop for every request.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +53,15 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def _one_getter(names: list[str]) -> Callable[[dict[str, Any]], Sequence[Any]]:
+    name = names[0] if names else ""
+
+    def get(row: dict[str, Any]) -> Sequence[Any]:
+        return (row[name],)
+
+    return get
+
+
 class _NotFastError(Exception):
     """A batch the fast path leaves to the careful one."""
 
@@ -64,6 +75,11 @@ class Decoder:
         self._names: list[str] = schema.names if schema else []
         self._name_set = frozenset(self._names)
         self._types: list[FeatureType] = [f.type for f in schema.features] if schema else []
+        self._getter: Callable[[dict[str, Any]], Sequence[Any]] = (
+            operator.itemgetter(*self._names) if len(self._names) > 1 else _one_getter(self._names)
+        )
+        self._all_numeric = all(t in (FeatureType.FLOAT, FeatureType.INT) for t in self._types)
+        self._int_columns = [j for j, t in enumerate(self._types) if t is FeatureType.INT]
         self._codes: list[dict[str, int] | None] = (
             [
                 {c: i for i, c in enumerate(f.categories)} if f.categories is not None else None
@@ -100,11 +116,11 @@ class Decoder:
         Type checks run per column over C-level ``map(type, …)``, so a 64-row request
         costs tens of microseconds instead of hundreds.
         """
-        names = self._names
-        width = len(names)
+        width = len(self._names)
+        getter = self._getter
         try:
-            table = [
-                [row[n] for n in names]
+            table: list[Any] = [
+                getter(row)
                 if type(row) is dict and len(row) == width
                 else (row if type(row) is list and len(row) == width else None)
                 for row in instances
@@ -113,6 +129,21 @@ class Decoder:
             return None
         if None in table:
             return None
+        if self._all_numeric:
+            # One C-level pass over every value; NumPy reads None as NaN.
+            types = set(map(type, itertools.chain.from_iterable(table)))
+            if not types <= _NUMBER_TYPES:
+                return None
+            try:
+                matrix = np.array(table, dtype=np.float64)
+            except (OverflowError, ValueError, TypeError):
+                return None
+            if float in types and self._int_columns:
+                ints = matrix[:, self._int_columns]
+                present = ints[~np.isnan(ints)]
+                if not np.array_equal(present, np.floor(present)):
+                    return None
+            return matrix
         out = np.empty((len(table), width), dtype=np.float64)
         try:
             self._fill_columns(table, out)
