@@ -111,7 +111,7 @@ def _close(got: Any, made: Made, x: np.ndarray) -> None:
 @pytest.mark.parametrize("n", [1, 64])
 def test_v1_rows_as_objects(deployment: Deployment, case: str, n: int) -> None:
     made = deployment.made[case]
-    # Tree models take missing values (null); linear ones and the python rule do not.
+    # Tree models take missing values (null); the others are covered below.
     x = made.rows(n, missing=made.format in ("lightgbm", "xgboost"))
     response = httpx.post(
         f"{deployment.server.url}/v1/models/{case}:predict",
@@ -200,3 +200,21 @@ def test_v2_metadata_describes_inputs_and_versions(deployment: Deployment) -> No
     server = httpx.get(f"{url}/v2").json()
     assert server["name"] == "interlock" and "binary_tensor_data" in server["extensions"]
     assert httpx.get(f"{url}/v2/health/live").json() == {"live": True}
+
+
+@pytest.mark.parametrize("case", ["sklearn-binary", "onnx-regression"])
+def test_missing_values_are_a_422_for_models_that_cannot_take_them(
+    deployment: Deployment, case: str
+) -> None:
+    made = deployment.made[case]
+    x = made.rows(3)
+    x[2, 1] = np.nan
+    response = httpx.post(
+        f"{deployment.server.url}/v1/models/{case}:predict",
+        json={"instances": _instances(made, x)},
+    )
+    assert response.status_code == 422, response.text
+    name = _schema(made).features[1].name
+    assert response.json()["error"].startswith(
+        f"row 2: feature {name!r} is missing (null or an unseen category) and this model"
+    )

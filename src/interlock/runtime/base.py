@@ -44,6 +44,11 @@ class Predictor(Protocol):
         """True when ``predict`` takes ``list[dict]`` rows instead of a matrix."""
         ...
 
+    @property
+    def accepts_missing(self) -> bool:
+        """False when the model cannot take missing values (NaN): serving refuses them."""
+        ...
+
     def predict(self, batch: Any) -> npt.NDArray[Any] | Sequence[Any]:
         """One result per row of ``batch``; called from an inference thread."""
         ...

@@ -69,9 +69,12 @@ class _NotFastError(Exception):
 class Decoder:
     """Checks rows against one version's schema and builds the batch its predictor takes."""
 
-    def __init__(self, schema: FeatureSchema | None, *, takes_rows: bool) -> None:
+    def __init__(
+        self, schema: FeatureSchema | None, *, takes_rows: bool, accepts_missing: bool = True
+    ) -> None:
         self.schema = schema
         self.takes_rows = takes_rows
+        self.accepts_missing = accepts_missing
         self._names: list[str] = schema.names if schema else []
         self._name_set = frozenset(self._names)
         self._types: list[FeatureType] = [f.type for f in schema.features] if schema else []
@@ -102,13 +105,28 @@ class Decoder:
         if not self.takes_rows:
             fast = self._fast_matrix(instances)
             if fast is not None:
-                return fast, len(instances)
+                return self._complete(fast), len(instances)
         # The careful path: row by row, so that an error names its row and feature.
         values = [self._row_values(i, row) for i, row in enumerate(instances)]
         if self.takes_rows:
             names = self._names
             return [dict(zip(names, v, strict=True)) for v in values], len(values)
-        return np.array(values, dtype=np.float64), len(values)
+        return self._complete(np.array(values, dtype=np.float64)), len(values)
+
+    def _complete(self, matrix: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Refuse missing values (null, an unseen category) for a model that cannot take them."""
+        if self.accepts_missing:
+            return matrix
+        missing = np.isnan(matrix)
+        if missing.any():
+            row, column = (int(i) for i in np.argwhere(missing)[0])
+            raise FeatureError(
+                f"row {row}: feature {self._names[column]!r} is missing (null or an unseen "
+                "category) and this model does not take missing values",
+                feature=self._names[column],
+                row=row,
+            )
+        return matrix
 
     def _fast_matrix(self, instances: list[Any]) -> npt.NDArray[np.float64] | None:
         """Column-wise decoding of well-formed rows; None sends the batch the careful way.
@@ -274,6 +292,8 @@ class Decoder:
         else:
             matrix = self._feature_tensors(inputs)
         self._check_matrix_types(matrix)
+        if not self.takes_rows:
+            matrix = self._complete(matrix)
         if self.takes_rows:
             rows = [self._row_from_codes(values) for values in matrix.tolist()]
             return rows, len(rows)

@@ -280,6 +280,7 @@ class LightGBMPredictor:
     """Predicts with a LightGBM booster; see the module docstring for the call path."""
 
     takes_rows = False
+    accepts_missing = True
 
     def __init__(
         self, booster: lightgbm.Booster, *, n_features: int, n_outputs: int, threads: int

@@ -226,6 +226,7 @@ class OnnxPredictor:
     """Runs an ONNX session on the matrix; see the module docstring for the layouts."""
 
     takes_rows = False
+    accepts_missing = False  # a graph computes on NaN without complaint: refuse it up front
 
     def __init__(
         self,

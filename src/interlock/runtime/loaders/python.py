@@ -60,6 +60,7 @@ def _declared_schema(model: Any) -> FeatureSchema | None:
 
 class PythonPredictor:
     takes_rows = True
+    accepts_missing = True
 
     def __init__(self, model: Any) -> None:
         self._model = model

@@ -198,6 +198,28 @@ def _needs_frame(model: Any) -> bool:
     return False
 
 
+def _accepts_missing(model: Any) -> bool:
+    """Whether every step takes NaN, by scikit-learn's own ``allow_nan`` tags.
+
+    Composites (Pipeline, ColumnTransformer, FeatureUnion) report conservatively on their
+    own, so their steps are asked instead; fitted internals are not looked into.
+    """
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import FeatureUnion, Pipeline
+
+    if isinstance(model, Pipeline):
+        return all(_accepts_missing(step) for _, step in model.steps if step != "passthrough")
+    if isinstance(model, ColumnTransformer):
+        parts = [t for _, t, _ in model.transformers_ if t not in ("drop", "passthrough")]
+        return all(_accepts_missing(t) for t in parts)
+    if isinstance(model, FeatureUnion):
+        return all(_accepts_missing(t) for _, t in model.transformer_list if t != "drop")
+    try:
+        return bool(model.__sklearn_tags__().input_tags.allow_nan)
+    except AttributeError:  # no tags: let the model decide at predict time
+        return True
+
+
 class SklearnPredictor:
     """Calls ``predict_proba`` or ``predict`` on the matrix, or on a DataFrame of it."""
 
@@ -211,7 +233,9 @@ class SklearnPredictor:
         column: int | None,
         n_outputs: int = 1,
         frame: Callable[[Matrix], Any] | None = None,
+        accepts_missing: bool = True,
     ) -> None:
+        self.accepts_missing = accepts_missing
         self._call = call
         self._n_features = n_features
         self._column = column
@@ -346,6 +370,7 @@ class SklearnLoader:
             column=column,
             n_outputs=int(details.get("n_classes", 1)) if task is Task.MULTICLASS else 1,
             frame=frame,
+            accepts_missing=_accepts_missing(model),
         )
 
 

@@ -265,6 +265,7 @@ class XGBoostPredictor:
     """Predicts with an XGBoost booster; see the module docstring for the call path."""
 
     takes_rows = False
+    accepts_missing = True
 
     def __init__(
         self, booster: xgboost.Booster, *, n_features: int, n_outputs: int, softmax: bool
