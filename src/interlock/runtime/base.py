@@ -24,7 +24,7 @@ import numpy.typing as npt
 from interlock._core.formats import ModelFormat, Task
 from interlock._core.schema import FeatureSchema
 
-__all__ = ["Inspection", "Loader", "ModelFormat", "Predictor", "Task"]
+__all__ = ["Inspection", "Loader", "ModelFormat", "Predictor", "Task", "as_matrix"]
 
 Matrix = npt.NDArray[np.float64]
 
@@ -70,3 +70,19 @@ class Loader(Protocol):
     ) -> Predictor:
         """A predictor for ``path``; ``threads`` caps native threads per call."""
         ...
+
+
+def as_matrix(x: Any, width: int | None) -> Matrix:
+    """``x`` as a C-contiguous float64 ``[rows, width]`` matrix, copied only when it must be."""
+    if (
+        type(x) is np.ndarray
+        and x.dtype == np.float64
+        and x.ndim == 2
+        and x.flags.c_contiguous
+        and (width is None or x.shape[1] == width)
+    ):
+        return x
+    out = np.ascontiguousarray(x, dtype=np.float64)
+    if out.ndim != 2 or (width is not None and out.shape[1] != width):
+        raise ValueError(f"expected a [rows, {width}] matrix, got shape {out.shape}")
+    return out

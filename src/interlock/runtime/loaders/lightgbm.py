@@ -44,7 +44,7 @@ import numpy.typing as npt
 
 from interlock._core.schema import Feature, FeatureSchema, FeatureType
 from interlock.errors import ModelFormatError, PredictionError, RuntimeLoadError
-from interlock.runtime.base import Inspection, ModelFormat, Predictor, Task
+from interlock.runtime.base import Inspection, ModelFormat, Predictor, Task, as_matrix
 
 __all__ = ["LOADER", "LightGBMLoader", "LightGBMPredictor"]
 
@@ -52,7 +52,6 @@ _log = logging.getLogger(__name__)
 
 Matrix = npt.NDArray[np.float64]
 
-_F64 = np.dtype(np.float64)
 
 # Constants from LightGBM's c_api.h.
 _C_API_DTYPE_FLOAT64 = 1
@@ -329,15 +328,7 @@ class LightGBMPredictor:
 
     def predict(self, batch: Matrix) -> Matrix:
         """Binary: positive-class probability ``[N]``; multiclass ``[N, K]``; else ``[N]``."""
-        x = batch
-        if not (
-            type(x) is np.ndarray
-            and x.dtype is _F64
-            and x.ndim == 2
-            and x.flags.c_contiguous
-            and x.shape[1] == self._n_features
-        ):
-            x = _coerce(x, self._n_features)
+        x = as_matrix(batch, self._n_features)
         rows = x.shape[0]
         native = self._native
         if rows == 0:
@@ -352,13 +343,6 @@ class LightGBMPredictor:
         native, self._native = self._native, None
         if native is not None:
             native.close()
-
-
-def _coerce(x: Any, width: int) -> Matrix:
-    out = np.ascontiguousarray(x, dtype=np.float64)
-    if out.ndim != 2 or out.shape[1] != width:
-        raise ValueError(f"expected a [rows, {width}] matrix, got shape {out.shape}")
-    return out
 
 
 class LightGBMLoader:

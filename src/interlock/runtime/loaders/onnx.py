@@ -39,13 +39,12 @@ import onnxruntime
 
 from interlock._core.schema import Feature, FeatureSchema, FeatureType
 from interlock.errors import FeatureError, ModelFormatError, PredictionError
-from interlock.runtime.base import Inspection, ModelFormat, Predictor, Task
+from interlock.runtime.base import Inspection, ModelFormat, Predictor, Task, as_matrix
 
 __all__ = ["LOADER", "OnnxLoader", "OnnxPredictor"]
 
 Matrix = npt.NDArray[np.float64]
 
-_F64 = np.dtype(np.float64)
 
 _FLOAT_TYPES: dict[str, type[np.floating[Any]]] = {
     "tensor(float)": np.float32,
@@ -278,15 +277,7 @@ class OnnxPredictor:
 
     def predict(self, batch: Matrix) -> Matrix:
         """Binary: positive-class probability ``[N]``; multiclass ``[N, K]``; else the output."""
-        x = batch
-        if not (
-            type(x) is np.ndarray
-            and x.dtype is _F64
-            and x.ndim == 2
-            and x.flags.c_contiguous
-            and x.shape[1] == self._n_features
-        ):
-            x = _coerce(x, self._n_features)
+        x = as_matrix(batch, self._n_features)
         if x.shape[0] == 0:
             return self._empty
         out = self._raw(x)
@@ -298,13 +289,6 @@ class OnnxPredictor:
 
     def close(self) -> None:
         """Nothing to free beyond the session, which goes with this object."""
-
-
-def _coerce(x: Any, width: int) -> Matrix:
-    out = np.ascontiguousarray(x, dtype=np.float64)
-    if out.ndim != 2 or out.shape[1] != width:
-        raise ValueError(f"expected a [rows, {width}] matrix, got shape {out.shape}")
-    return out
 
 
 def _task(output: _Output, probe_out: npt.NDArray[Any]) -> Task:

@@ -51,13 +51,12 @@ from sklearn.utils.validation import check_is_fitted
 
 from interlock._core.schema import Feature, FeatureSchema
 from interlock.errors import ModelFormatError, PredictionError, UnsafeArtifactError
-from interlock.runtime.base import Inspection, ModelFormat, Predictor, Task
+from interlock.runtime.base import Inspection, ModelFormat, Predictor, Task, as_matrix
 
 __all__ = ["LOADER", "SklearnLoader", "SklearnPredictor"]
 
 Matrix = npt.NDArray[np.float64]
 
-_F64 = np.dtype(np.float64)
 
 _SKOPS_SUFFIXES = frozenset({".skops"})
 _PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".joblib"})
@@ -244,15 +243,7 @@ class SklearnPredictor:
 
     def predict(self, batch: Matrix) -> npt.NDArray[Any]:
         """Binary: positive-class probability ``[N]``; multiclass ``[N, K]``; else ``predict``."""
-        x = batch
-        if not (
-            type(x) is np.ndarray
-            and x.dtype is _F64
-            and x.ndim == 2
-            and x.flags.c_contiguous
-            and (self._n_features is None or x.shape[1] == self._n_features)
-        ):
-            x = _coerce(x, self._n_features)
+        x = as_matrix(batch, self._n_features)
         if x.shape[0] == 0:
             return self._empty
         try:
@@ -266,13 +257,6 @@ class SklearnPredictor:
 
     def close(self) -> None:
         """Nothing to free beyond the model, which goes with this object."""
-
-
-def _coerce(x: Any, width: int | None) -> Matrix:
-    out = np.ascontiguousarray(x, dtype=np.float64)
-    if out.ndim != 2 or (width is not None and out.shape[1] != width):
-        raise ValueError(f"expected a [rows, {width}] matrix, got shape {out.shape}")
-    return out
 
 
 def _frame_builder(names: list[str], path: Path) -> Callable[[Matrix], Any]:

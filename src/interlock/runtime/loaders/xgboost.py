@@ -49,7 +49,7 @@ import xgboost
 
 from interlock._core.schema import Feature, FeatureSchema, FeatureType
 from interlock.errors import ModelFormatError, PredictionError, RuntimeLoadError
-from interlock.runtime.base import Inspection, ModelFormat, Predictor, Task
+from interlock.runtime.base import Inspection, ModelFormat, Predictor, Task, as_matrix
 
 __all__ = ["LOADER", "XGBoostLoader", "XGBoostPredictor"]
 
@@ -57,7 +57,6 @@ _log = logging.getLogger(__name__)
 
 Matrix = npt.NDArray[np.float64]
 
-_F64 = np.dtype(np.float64)
 
 _TYPES = {
     "q": FeatureType.FLOAT,
@@ -313,15 +312,7 @@ class XGBoostPredictor:
 
     def predict(self, batch: Matrix) -> Matrix:
         """Binary: positive-class probability ``[N]``; multiclass ``[N, K]``; else ``[N]``."""
-        x = batch
-        if not (
-            type(x) is np.ndarray
-            and x.dtype is _F64
-            and x.ndim == 2
-            and x.flags.c_contiguous
-            and x.shape[1] == self._n_features
-        ):
-            x = _coerce(x, self._n_features)
+        x = as_matrix(batch, self._n_features)
         if x.shape[0] == 0:
             empty = np.empty((0, self._n_outputs), dtype=np.float64)
             return empty if self._n_outputs > 1 else empty.reshape(0)
@@ -334,13 +325,6 @@ class XGBoostPredictor:
         native, self._native = self._native, None
         if native is not None:
             native.close()
-
-
-def _coerce(x: Any, width: int) -> Matrix:
-    out = np.ascontiguousarray(x, dtype=np.float64)
-    if out.ndim != 2 or out.shape[1] != width:
-        raise ValueError(f"expected a [rows, {width}] matrix, got shape {out.shape}")
-    return out
 
 
 def _probe_rows(width: int) -> Matrix:
