@@ -61,6 +61,15 @@ def postgres_url() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL for an empty database: a file under tmp_path, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'meta' / 'interlock.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
 # -- a real interlock server on a loopback port ----------------------------------------
 
 
