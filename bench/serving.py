@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="alternations per setting")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
-    parser.add_argument("--model-threads", type=int, default=None, help="serving.model_threads")
+    parser.add_argument("--replicas", type=int, default=None, help="serving.max_replicas")
     parser.add_argument("--max-batch", type=int, default=None, help="serving.max_batch_size")
     parser.add_argument("--only-rows", action="store_true", help="skip the single-row runs")
     args = parser.parse_args()
@@ -201,8 +201,8 @@ def main() -> None:
     model, sample = train(work)
     env = {k: v for k, v in os.environ.items() if not k.startswith("INTERLOCK_")}
     env.update({"INTERLOCK_HOME": str(work / "home"), "INTERLOCK_LOG__LEVEL": "warning"})
-    if args.model_threads is not None:
-        env["INTERLOCK_SERVING__MODEL_THREADS"] = str(args.model_threads)
+    if args.replicas is not None:
+        env["INTERLOCK_SERVING__MAX_REPLICAS"] = str(args.replicas)
     if args.max_batch is not None:
         env["INTERLOCK_SERVING__MAX_BATCH_SIZE"] = str(args.max_batch)
     subprocess.run(

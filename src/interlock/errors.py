@@ -18,6 +18,12 @@ status codes at the edge.
     │   ├── PayloadTooLargeError     a body over the configured size
     │   └── FeatureError             a missing, extra or wrongly typed feature
     ├── PredictionError              the model raised while predicting
+    ├── UnavailableError             no version can answer now (carries retry_after_s)
+    │   ├── OverloadedError          a version's queue is full: shed, answer 429
+    │   └── CircuitOpenError         a version's breaker is open
+    ├── DeadlineExceededError        the request's deadline passed before it was answered
+    ├── TrafficError                 a traffic policy that cannot be applied
+    ├── CacheError                   the cache backend failed (callers fail open)
     └── AuthError                    a missing or wrong key
 """
 
@@ -28,6 +34,9 @@ from typing import ClassVar
 __all__ = [
     "ArtifactIntegrityError",
     "AuthError",
+    "CacheError",
+    "CircuitOpenError",
+    "DeadlineExceededError",
     "ConfigError",
     "FeatureError",
     "InputError",
@@ -35,11 +44,14 @@ __all__ = [
     "MalformedInputError",
     "ModelFormatError",
     "ModelNotFoundError",
+    "OverloadedError",
     "PayloadTooLargeError",
     "PredictionError",
     "RegistryError",
     "RuntimeLoadError",
     "StoreError",
+    "TrafficError",
+    "UnavailableError",
     "UnsafeArtifactError",
 ]
 
@@ -109,6 +121,40 @@ class FeatureError(InputError):
 
 class PredictionError(InterlockError):
     """The model raised while predicting."""
+
+    retryable = True
+
+
+class UnavailableError(InterlockError):
+    """No version can answer now; ``retry_after_s`` says when trying again makes sense."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class OverloadedError(UnavailableError):
+    """A version's bounded queue is full: the request is shed at once."""
+
+
+class CircuitOpenError(UnavailableError):
+    """A version's circuit breaker is open."""
+
+
+class DeadlineExceededError(InterlockError):
+    """The request's deadline passed before it was answered."""
+
+    retryable = True
+
+
+class TrafficError(InterlockError):
+    """A traffic policy (weights, shadow, canary, fallback) that cannot be applied."""
+
+
+class CacheError(InterlockError):
+    """The cache backend failed; callers treat it as a miss and go on."""
 
     retryable = True
 

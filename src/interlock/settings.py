@@ -17,7 +17,24 @@ environment.
 | server.access_log | INTERLOCK_SERVER__ACCESS_LOG | bool | ``false`` |
 | serving.max_batch_size | INTERLOCK_SERVING__MAX_BATCH_SIZE | int (rows) | ``256`` |
 | serving.max_batch_wait_ms | INTERLOCK_SERVING__MAX_BATCH_WAIT_MS | float | ``0`` (greedy) |
-| serving.model_threads | INTERLOCK_SERVING__MODEL_THREADS | int | ``2`` |
+| serving.min_replicas | INTERLOCK_SERVING__MIN_REPLICAS | int | ``1`` inference worker per version |
+| serving.max_replicas | INTERLOCK_SERVING__MAX_REPLICAS | int | ``2`` |
+| serving.scale_cooldown_s | INTERLOCK_SERVING__SCALE_COOLDOWN_S | float | ``10`` |
+| serving.target_queue_delay_ms | INTERLOCK_SERVING__TARGET_QUEUE_DELAY_MS | float | ``5`` |
+| serving.max_queue_rows | INTERLOCK_SERVING__MAX_QUEUE_ROWS | int | ``8192``: beyond, 429 |
+| serving.default_timeout_ms | INTERLOCK_SERVING__DEFAULT_TIMEOUT_MS | float | ``1000`` |
+| cache.url | INTERLOCK_CACHE__URL | URL | ``memory://``; or ``redis://…`` |
+| cache.enabled | INTERLOCK_CACHE__ENABLED | bool | ``true`` |
+| cache.ttl_s | INTERLOCK_CACHE__TTL_S | float | ``60`` |
+| cache.max_bytes | INTERLOCK_CACHE__MAX_BYTES | int | ``67108864`` (64 MiB, memory only) |
+| cache.timeout_ms | INTERLOCK_CACHE__TIMEOUT_MS | float | ``50`` (Redis calls) |
+| breaker.failure_rate | INTERLOCK_BREAKER__FAILURE_RATE | float | ``0.5`` |
+| breaker.slow_call_rate | INTERLOCK_BREAKER__SLOW_CALL_RATE | float | ``1.0`` (off) |
+| breaker.slow_call_ms | INTERLOCK_BREAKER__SLOW_CALL_MS | float | ``1000`` |
+| breaker.window_calls | INTERLOCK_BREAKER__WINDOW_CALLS | int | ``50`` |
+| breaker.min_calls | INTERLOCK_BREAKER__MIN_CALLS | int | ``10`` |
+| breaker.open_s | INTERLOCK_BREAKER__OPEN_S | float | ``5`` |
+| breaker.half_open_calls | INTERLOCK_BREAKER__HALF_OPEN_CALLS | int | ``3`` |
 | serving.alias_refresh_s | INTERLOCK_SERVING__ALIAS_REFRESH_S | float | ``1.0`` |
 | auth.admin_key | INTERLOCK_AUTH__ADMIN_KEY | secret | none (admin API open) |
 | auth.client_keys | INTERLOCK_AUTH__CLIENT_KEYS | list of secrets | none (predictions open) |
@@ -47,6 +64,8 @@ from interlock.errors import ConfigError
 
 __all__ = [
     "AuthSettings",
+    "BreakerSettings",
+    "CacheSettings",
     "LogSettings",
     "ServerSettings",
     "ServingSettings",
@@ -77,13 +96,41 @@ class ServingSettings(BaseModel):
         description="while a batch runs, how long a partial batch may wait before it takes "
         "another free thread; 0: it waits for a full batch or a free thread",
     )
-    model_threads: int = Field(
-        2,
-        ge=1,
-        description="inference threads per loaded version; the second and later "
-        "ones start only when a full batch is waiting",
+    min_replicas: int = Field(1, ge=1, description="inference workers per version, at least")
+    max_replicas: int = Field(2, ge=1, description="inference workers per version, at most")
+    scale_cooldown_s: float = Field(10.0, ge=0, description="time between two scaling steps")
+    target_queue_delay_ms: float = Field(
+        5.0, gt=0, description="queueing delay above which the worker pool grows"
+    )
+    max_queue_rows: int = Field(8192, ge=1, description="rows a version may queue; beyond: 429")
+    default_timeout_ms: float = Field(
+        1000.0, gt=0, description="deadline of a request without x-request-timeout-ms"
     )
     alias_refresh_s: float = Field(1.0, gt=0, description="how often aliases are re-read")
+
+
+class CacheSettings(BaseModel):
+    model_config = _FROZEN
+
+    url: str = "memory://"
+    enabled: bool = True
+    ttl_s: float = Field(60.0, gt=0)
+    max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="memory backend only")
+    timeout_ms: float = Field(50.0, gt=0, description="per Redis call; then a miss")
+
+
+class BreakerSettings(BaseModel):
+    """Per model version, as resilience4j: count-based sliding window."""
+
+    model_config = _FROZEN
+
+    failure_rate: float = Field(0.5, gt=0, le=1)
+    slow_call_rate: float = Field(1.0, gt=0, le=1, description="1.0: slow calls never open it")
+    slow_call_ms: float = Field(1000.0, gt=0)
+    window_calls: int = Field(50, ge=1)
+    min_calls: int = Field(10, ge=1)
+    open_s: float = Field(5.0, gt=0)
+    half_open_calls: int = Field(3, ge=1)
 
 
 class AuthSettings(BaseModel):
@@ -113,6 +160,8 @@ class Settings(BaseSettings):
     artifacts_dir: Path | None = None
     server: ServerSettings = ServerSettings()
     serving: ServingSettings = ServingSettings()
+    cache: CacheSettings = CacheSettings()
+    breaker: BreakerSettings = BreakerSettings()
     auth: AuthSettings = AuthSettings()
     log: LogSettings = LogSettings()
 
@@ -129,6 +178,7 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         data["database_url"] = mask_url(self.effective_database_url)
         data["artifacts_dir"] = str(self.effective_artifacts_dir)
+        data["cache"]["url"] = mask_url(self.cache.url)
         auth = data["auth"]
         auth["admin_key"] = "********" if self.auth.admin_key else None
         auth["client_keys"] = ["********" for _ in self.auth.client_keys]

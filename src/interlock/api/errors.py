@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from interlock.errors import (
     AuthError,
+    DeadlineExceededError,
     FeatureError,
     InputError,
     InterlockError,
     ModelFormatError,
     ModelNotFoundError,
+    OverloadedError,
     PayloadTooLargeError,
     PredictionError,
     RegistryError,
     RuntimeLoadError,
     StoreError,
+    TrafficError,
+    UnavailableError,
     UnsafeArtifactError,
 )
 
@@ -29,6 +33,10 @@ _TABLE: tuple[tuple[type[InterlockError], int], ...] = (
     (UnsafeArtifactError, 422),
     (ModelFormatError, 422),
     (RegistryError, 409),
+    (TrafficError, 422),
+    (OverloadedError, 429),
+    (UnavailableError, 503),
+    (DeadlineExceededError, 504),
     (RuntimeLoadError, 503),
     (StoreError, 503),
     (PredictionError, 500),

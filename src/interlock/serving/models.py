@@ -195,7 +195,7 @@ class ModelManager:
 
     async def _load(self, mv: ModelVersion) -> LoadedModel:
         started = time.perf_counter()
-        threads = self._settings.model_threads
+        threads = self._settings.max_replicas
         predictor = await asyncio.to_thread(self._load_blocking, mv)
         observer = self._observer
         on_batch: Callable[[int], None] | None = None
