@@ -24,11 +24,18 @@ from interlock.api.admin import build_admin_router
 from interlock.api.errors import status_for
 from interlock.api.inference import build_inference_router
 from interlock.api.predict import ASGIApp, PredictionApp
+from interlock.api.traffic import build_traffic_router
+from interlock.cache import Cache, open_cache
 from interlock.errors import InterlockError
 from interlock.monitoring.metrics import ServingMetrics
 from interlock.registry import Registry
+from interlock.resilience.breaker import BreakerConfig
 from interlock.runtime.loaders import inspect_artifact
 from interlock.serving.models import ModelManager
+from interlock.serving.pipeline import Pipeline
+from interlock.serving.policies import PolicyStore
+from interlock.serving.router import TrafficRouter
+from interlock.serving.shadow import ShadowRunner
 from interlock.settings import Settings
 from interlock.store.artifacts import ArtifactStore
 from interlock.store.db import Database
@@ -48,6 +55,11 @@ class Components:
     registry: Registry
     metrics: ServingMetrics
     manager: ModelManager
+    policies: PolicyStore
+    router: TrafficRouter
+    shadow: ShadowRunner
+    cache: Cache | None
+    pipeline: Pipeline
 
 
 def _registry(settings: Settings) -> tuple[Database, ArtifactStore, Registry]:
@@ -73,15 +85,58 @@ def _keys(secrets: Any) -> tuple[bytes, ...]:
 
 
 def build_components(settings: Settings) -> Components:
+    clock = SystemClock()
     database, artifacts, registry = _registry(settings)
     metrics = ServingMetrics()
     manager = ModelManager(registry, artifacts, settings.serving, metrics)
+    policies = PolicyStore(database, registry, clock)
+    router = TrafficRouter(
+        policies,
+        manager,
+        clock,
+        registry=registry,
+        refresh_s=settings.serving.alias_refresh_s,
+        observer=metrics,
+    )
+    shadow = ShadowRunner(metrics, clock)
+    cache = (
+        open_cache(
+            settings.cache.url,
+            max_bytes=settings.cache.max_bytes,
+            timeout_s=settings.cache.timeout_ms / 1000,
+            clock=clock,
+        )
+        if settings.cache.enabled
+        else None
+    )
+    pipeline = Pipeline(
+        manager,
+        router,
+        shadow,
+        metrics,
+        clock,
+        breaker=BreakerConfig.from_settings(settings.breaker),
+        cache=cache,
+        cache_ttl_s=settings.cache.ttl_s,
+    )
     metrics.watch_queues(
         lambda: [
-            (m.name, m.number, m.batcher.queued_rows, m.batcher.in_flight) for m in manager.loaded()
+            (m.name, m.number, m.batcher.queued_rows, m.batcher.busy) for m in manager.loaded()
         ]
     )
-    return Components(settings, database, artifacts, registry, metrics, manager)
+    return Components(
+        settings,
+        database,
+        artifacts,
+        registry,
+        metrics,
+        manager,
+        policies,
+        router,
+        shadow,
+        cache,
+        pipeline,
+    )
 
 
 async def _preload(components: Components) -> None:
@@ -104,10 +159,16 @@ def create_app(settings: Settings, components: Components | None = None) -> ASGI
         await asyncio.to_thread(parts.database.migrate)
         await _preload(parts)
         await parts.manager.start()
+        await parts.router.start()
         log.info("interlock is serving", extra={"version": __version__})
         try:
             yield {"components": parts}
         finally:
+            await parts.router.aclose()
+            await parts.shadow.aclose()
+            await parts.pipeline.aclose()
+            if parts.cache is not None:
+                await parts.cache.aclose()
             await parts.manager.aclose()
             await parts.database.aclose()
 
@@ -139,11 +200,13 @@ def create_app(settings: Settings, components: Components | None = None) -> ASGI
     api.include_router(
         build_inference_router(parts.manager, parts.metrics, versions_of, client_keys)
     )
-    api.include_router(build_admin_router(parts.registry, parts.manager, admin_keys))
+    api.include_router(build_admin_router(parts.registry, parts.manager, parts.shadow, admin_keys))
+    api.include_router(build_traffic_router(parts.policies, parts.router.refresh, admin_keys))
     return PredictionApp(
-        parts.manager,
+        parts.pipeline,
         parts.metrics,
         api,
         max_body_bytes=settings.server.max_body_bytes,
+        default_timeout_ms=settings.serving.default_timeout_ms,
         client_keys=client_keys,
     )

@@ -17,7 +17,7 @@ environment.
 | server.access_log | INTERLOCK_SERVER__ACCESS_LOG | bool | ``false`` |
 | serving.max_batch_size | INTERLOCK_SERVING__MAX_BATCH_SIZE | int (rows) | ``256`` |
 | serving.max_batch_wait_ms | INTERLOCK_SERVING__MAX_BATCH_WAIT_MS | float | ``0`` (greedy) |
-| serving.min_replicas | INTERLOCK_SERVING__MIN_REPLICAS | int | ``1`` inference worker per version |
+| serving.min_replicas | INTERLOCK_SERVING__MIN_REPLICAS | int | ``1`` worker per version |
 | serving.max_replicas | INTERLOCK_SERVING__MAX_REPLICAS | int | ``2`` |
 | serving.scale_cooldown_s | INTERLOCK_SERVING__SCALE_COOLDOWN_S | float | ``10`` |
 | serving.target_queue_delay_ms | INTERLOCK_SERVING__TARGET_QUEUE_DELAY_MS | float | ``5`` |

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, Field
 
 from interlock._core.schema import FeatureSchema
@@ -22,6 +22,7 @@ from interlock.api.predict import check_key
 from interlock.errors import MalformedInputError
 from interlock.registry import Registry, describe_model, describe_version
 from interlock.serving.models import ModelManager
+from interlock.serving.shadow import ShadowRunner
 
 __all__ = ["build_admin_router"]
 
@@ -48,7 +49,10 @@ def _save_upload(upload: UploadFile, directory: Path) -> Path:
 
 
 def build_admin_router(
-    registry: Registry, manager: ModelManager, admin_keys: tuple[bytes, ...]
+    registry: Registry,
+    manager: ModelManager,
+    shadow: ShadowRunner,
+    admin_keys: tuple[bytes, ...],
 ) -> APIRouter:
     async def admin(request: Request) -> None:
         check_key(dict(request.scope["headers"]), admin_keys)
@@ -108,6 +112,17 @@ def build_admin_router(
         await registry.set_alias(name, alias, body.version)
         await manager.refresh()
         return {"model": name, "alias": alias, "version": body.version}
+
+    @router.get("/models/{name}/shadow")
+    async def shadow_log(
+        name: str,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        disagreements: Annotated[bool, Query(description="only differing answers")] = False,
+    ) -> dict[str, Any]:
+        """This node's newest shadow comparisons for ``name``, newest first."""
+        await registry.get_model(name)
+        entries = shadow.comparisons(name, limit=limit, disagreements_only=disagreements)
+        return {"model": name, "comparisons": [e.to_dict() for e in entries]}
 
     @router.delete("/models/{name}/aliases/{alias}", status_code=204)
     async def delete_alias(name: str, alias: str) -> None:

@@ -8,8 +8,10 @@ metrics) goes to the FastAPI app behind it.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -29,7 +31,7 @@ from interlock.errors import (
     PayloadTooLargeError,
 )
 from interlock.monitoring.metrics import ServingMetrics
-from interlock.serving.models import LoadedModel, ModelManager
+from interlock.serving.pipeline import Answer, Pipeline
 
 __all__ = ["PredictionApp", "check_key"]
 
@@ -66,14 +68,16 @@ class PredictionApp:
 
     def __init__(
         self,
-        manager: ModelManager,
+        pipeline: Pipeline,
         metrics: ServingMetrics,
         fallback: ASGIApp,
         *,
         max_body_bytes: int,
+        default_timeout_ms: float = 1000.0,
         client_keys: tuple[bytes, ...] = (),
     ) -> None:
-        self._manager = manager
+        self._pipeline = pipeline
+        self._default_timeout_ms = default_timeout_ms
         self._metrics = metrics
         self._fallback = fallback
         self._max_body = max_body_bytes
@@ -108,25 +112,34 @@ class PredictionApp:
         if not _REQUEST_ID_OK.match(rid):
             rid = new_request_id()
         token = request_id_var.set(rid)
-        loaded: LoadedModel | None = None
+        answer: Answer | None = None
         extra: list[tuple[bytes, bytes]] = []
+        model_label = ""
         try:
             check_key(headers, self._keys)
+            deadline = self._deadline(headers)
             body = await self._read_body(receive, headers)
             version = None
             if version_text is not None:
                 if not version_text.isdigit():
                     raise ModelNotFoundError(f"version {version_text!r} is not a version number")
                 version = int(version_text)
-            loaded = await self._manager.get(ref, version)
+            route_key = headers.get(b"x-interlock-route-key")
             if protocol == "v1":
-                payload, extra = await self._v1(loaded, body)
+                payload, answer = await self._v1(ref, version, body, deadline, route_key, rid)
             else:
-                payload, extra = await self._v2(loaded, body, headers)
+                payload, extra, answer = await self._v2(
+                    ref, version, body, headers, deadline, route_key, rid
+                )
             status = 200
         except InterlockError as exc:
             status = status_for(exc)
             payload = orjson.dumps({"error": str(exc)})
+            retry_after = getattr(exc, "retry_after_s", None)
+            if retry_after is not None:
+                extra = [(b"retry-after", str(max(1, math.ceil(retry_after))).encode())]
+            if not isinstance(exc, ModelNotFoundError | AuthError):
+                model_label = ref.partition("@")[0]  # a known model: a bounded label
             if status >= 500:
                 log.error("prediction failed", extra={"route": ref, "error": str(exc)})
         except Exception:
@@ -139,22 +152,35 @@ class PredictionApp:
             (b"content-length", str(len(payload)).encode()),
             (b"x-request-id", rid.encode()),
         ]
-        if not extra:
+        if status != 200 or protocol == "v1" or not extra:
             response_headers.append(_JSON)
         response_headers.extend(extra)
-        if loaded is not None:
-            response_headers.append((b"x-interlock-model-version", str(loaded.number).encode()))
+        version_label = ""
+        if answer is not None:
+            model_label, version_label = answer.model, str(answer.version)
+            response_headers.append((b"x-interlock-model-version", version_label.encode()))
+            response_headers.append((b"x-interlock-cache", answer.cache.encode()))
+            if answer.fallback is not None:
+                response_headers.append((b"x-interlock-fallback", answer.fallback.encode()))
         if status == 401:
             response_headers.append((b"www-authenticate", b"Bearer"))
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": payload})
-        if loaded is not None:
-            model, version_label = loaded.name, str(loaded.number)
-        else:
-            model, version_label = "", ""  # unknown names are not labels: bounded cardinality
         self._metrics.request_done(
-            model, version_label, protocol, status, time.perf_counter() - started
+            model_label, version_label, protocol, status, time.perf_counter() - started
         )
+
+    def _deadline(self, headers: dict[bytes, bytes]) -> float:
+        raw = headers.get(b"x-request-timeout-ms")
+        timeout_ms = self._default_timeout_ms
+        if raw is not None:
+            try:
+                timeout_ms = float(raw)
+            except ValueError:
+                timeout_ms = math.nan
+            if not (timeout_ms > 0 and math.isfinite(timeout_ms)):
+                raise MalformedInputError("x-request-timeout-ms must be a positive number")
+        return asyncio.get_running_loop().time() + timeout_ms / 1000.0
 
     async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
         limit = self._max_body
@@ -179,36 +205,70 @@ class PredictionApp:
         return b"".join(chunks)
 
     async def _v1(
-        self, loaded: LoadedModel, body: bytes
-    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        self,
+        ref: str,
+        version: int | None,
+        body: bytes,
+        deadline: float,
+        route_key: bytes | None,
+        rid: str,
+    ) -> tuple[bytes, Answer]:
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise MalformedInputError(f"the body is not valid JSON: {exc}") from None
         if type(doc) is not dict or "instances" not in doc:
             raise MalformedInputError("the body must be a JSON object with 'instances'")
-        batch, rows = loaded.decoder.rows(doc["instances"])
-        values = await loaded.batcher.submit(batch, rows)
-        out = {
-            "predictions": values,
-            "model_name": loaded.name,
-            "model_version": str(loaded.number),
+        instances = doc["instances"]
+        answer = await self._pipeline.predict(
+            ref,
+            version,
+            lambda decoder: decoder.rows(instances),
+            deadline=deadline,
+            route_key=route_key,
+            request_id=rid,
+        )
+        out: dict[str, Any] = {
+            "predictions": answer.values,
+            "model_name": answer.model,
+            "model_version": str(answer.version),
         }
-        return orjson.dumps(out), []
+        if answer.degraded:
+            out["degraded"] = True
+        return orjson.dumps(out), answer
 
     async def _v2(
-        self, loaded: LoadedModel, body: bytes, headers: dict[bytes, bytes]
-    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        self,
+        ref: str,
+        version: int | None,
+        body: bytes,
+        headers: dict[bytes, bytes],
+        deadline: float,
+        route_key: bytes | None,
+        rid: str,
+    ) -> tuple[bytes, list[tuple[bytes, bytes]], Answer]:
         header_len = headers.get(b"inference-header-content-length")
         if header_len is not None and not header_len.isdigit():
             raise MalformedInputError("Inference-Header-Content-Length must be a number")
         request = v2codec.parse_request(body, int(header_len) if header_len else None)
-        batch, rows = loaded.decoder.tensors(request.inputs)
-        values = await loaded.batcher.submit(batch, rows)
-        payload, json_len = v2codec.encode_response(loaded.name, loaded.number, request, values)
+        answer = await self._pipeline.predict(
+            ref,
+            version,
+            lambda decoder: decoder.tensors(request.inputs),
+            deadline=deadline,
+            route_key=route_key,
+            request_id=request.id or rid,
+        )
+        payload, json_len = v2codec.encode_response(
+            answer.model, answer.version, request, answer.values, degraded=answer.degraded
+        )
         if json_len is None:
-            return payload, []
-        return payload, [
-            (b"content-type", b"application/octet-stream"),
-            (b"inference-header-content-length", str(json_len).encode()),
-        ]
+            return payload, [], answer
+        return (
+            payload,
+            [
+                (b"content-type", b"application/octet-stream"),
+                (b"inference-header-content-length", str(json_len).encode()),
+            ],
+            answer,
+        )

@@ -198,13 +198,15 @@ def _result_tensor(values: list[Any]) -> tuple[str, list[int], npt.NDArray[Any]]
 
 
 def encode_response(
-    model: str, version: int, request: V2Request, values: list[Any]
+    model: str, version: int, request: V2Request, values: list[Any], *, degraded: bool = False
 ) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when the answer is binary."""
     datatype, shape, array = _result_tensor(values)
     head: dict[str, Any] = {"model_name": model, "model_version": str(version)}
     if request.id is not None:
         head["id"] = request.id
+    if degraded:
+        head["parameters"] = {"degraded": True}
     output: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": datatype, "shape": shape}
     if not request.binary_output:
         output["data"] = array.reshape(-1).tolist()

@@ -17,6 +17,7 @@ from interlock import __version__
 from interlock.cli import config as config_cmd
 from interlock.cli import models as models_cmd
 from interlock.cli import serve as serve_cmd
+from interlock.cli import traffic as traffic_cmd
 from interlock.cli._context import CliState
 from interlock.errors import InterlockError
 
@@ -31,6 +32,7 @@ app = typer.Typer(
 )
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(traffic_cmd.app, name="traffic")
 app.command("serve")(serve_cmd.serve)
 app.command("demo")(serve_cmd.demo)
 

@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from interlock.resilience.breaker import BreakerState
+
 __all__ = ["ServingMetrics"]
 
 _LATENCY_BUCKETS = (
@@ -91,6 +93,61 @@ class ServingMetrics:
             ["model", "version"],
             registry=self.registry,
         )
+        self.cache_rows = Counter(
+            "interlock_cache_rows",
+            "Rows looked up in the prediction cache, by model and result (hit or miss).",
+            ["model", "result"],
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "interlock_fallbacks",
+            "Requests answered by a fallback, by model, failed version and kind.",
+            ["model", "version", "kind"],
+            registry=self.registry,
+        )
+        self.breaker_state = Gauge(
+            "interlock_breaker_state",
+            "Circuit breaker state per version: 0 closed, 1 half-open, 2 open.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.breaker_transitions = Counter(
+            "interlock_breaker_transitions",
+            "Circuit breaker transitions, by the state entered.",
+            ["model", "version", "state"],
+            registry=self.registry,
+        )
+        self.shadow_requests = Counter(
+            "interlock_shadow_requests",
+            "Shadow copies, by model, shadow version and outcome (compared, failed, dropped).",
+            ["model", "version", "outcome"],
+            registry=self.registry,
+        )
+        self.shadow_delta = Histogram(
+            "interlock_shadow_abs_delta",
+            "Largest |shadow - primary| score difference per request.",
+            ["model", "version"],
+            buckets=(0.0001, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=self.registry,
+        )
+        self.shadow_flips = Counter(
+            "interlock_shadow_label_flips",
+            "Rows whose decision differs between the shadow and the primary.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.canary_weight = Gauge(
+            "interlock_canary_weight_percent",
+            "Current weight of a model's canary version (0 after a rollback).",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.canary_actions = Counter(
+            "interlock_canary_actions",
+            "Canary guard actions: advance, promote, rollback.",
+            ["model", "version", "action"],
+            registry=self.registry,
+        )
         self._request_children: dict[
             tuple[str, str, str, int], tuple[Callable[[], None], Callable[[float], None]]
         ] = {}
@@ -131,6 +188,40 @@ class ServingMetrics:
             self._batch_children[key] = children
         children[0](rows)
         children[1](rows)
+
+    # PipelineObserver
+    def cache_lookup(self, model: str, hits: int, misses: int) -> None:
+        if hits:
+            self.cache_rows.labels(model, "hit").inc(hits)
+        if misses:
+            self.cache_rows.labels(model, "miss").inc(misses)
+
+    def fallback_used(self, model: str, failed_version: int, kind: str) -> None:
+        self.fallbacks.labels(model, str(failed_version), kind).inc()
+
+    def breaker_changed(self, model: str, version: int, state: BreakerState) -> None:
+        level = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}[state]
+        self.breaker_state.labels(model, str(version)).set(level)
+        self.breaker_transitions.labels(model, str(version), state.value).inc()
+
+    # ShadowObserver
+    def shadow_compared(self, model: str, shadow: int, delta: float | None, flips: int) -> None:
+        self.shadow_requests.labels(model, str(shadow), "compared").inc()
+        if delta is not None:
+            self.shadow_delta.labels(model, str(shadow)).observe(delta)
+        if flips:
+            self.shadow_flips.labels(model, str(shadow)).inc(flips)
+
+    def shadow_failed(self, model: str, shadow: int) -> None:
+        self.shadow_requests.labels(model, str(shadow), "failed").inc()
+
+    def shadow_dropped(self, model: str, shadow: int) -> None:
+        self.shadow_requests.labels(model, str(shadow), "dropped").inc()
+
+    # RouterObserver
+    def canary_changed(self, model: str, version: int, weight: float, action: str) -> None:
+        self.canary_weight.labels(model, str(version)).set(weight)
+        self.canary_actions.labels(model, str(version), action).inc()
 
     def model_unloaded(self, model: str, version: int) -> None:
         self.loaded_versions.labels(model, str(version)).set(0)

@@ -27,6 +27,7 @@ from interlock.registry import ModelRouting, ModelVersion, Registry
 from interlock.runtime.base import Predictor
 from interlock.runtime.batcher import Batcher
 from interlock.runtime.loaders import load_predictor
+from interlock.runtime.pool import ProcessReplicas, Replicas, ScalePolicy, ThreadReplicas
 from interlock.serving.decode import Decoder
 from interlock.settings import ServingSettings
 from interlock.store.artifacts import ArtifactStore
@@ -195,7 +196,6 @@ class ModelManager:
 
     async def _load(self, mv: ModelVersion) -> LoadedModel:
         started = time.perf_counter()
-        threads = self._settings.max_replicas
         predictor = await asyncio.to_thread(self._load_blocking, mv)
         observer = self._observer
         on_batch: Callable[[int], None] | None = None
@@ -204,15 +204,43 @@ class ModelManager:
             def on_batch(rows: int) -> None:
                 observer.batch_done(mv.model, mv.version, rows)
 
+        settings = self._settings
+        name = f"{mv.model}-v{mv.version}"
+        replicas: Replicas
+        if predictor.takes_rows:
+            # Python models hold the GIL: each replica is a process that loads its own copy.
+            replicas = ProcessReplicas(
+                str(mv.format),
+                mv.artifact_path,
+                schema=mv.schema,
+                trusted=mv.trusted,
+                threads=NATIVE_THREADS_PER_CALL,
+                warm=warm_input(mv.schema, True),
+                name=name,
+                start_method="forkserver",
+            )
+        else:
+            replicas = ThreadReplicas(predictor.predict, takes_rows=False, name=name)
         batcher = Batcher(
-            predictor.predict,
-            takes_rows=predictor.takes_rows,
-            max_batch_size=self._settings.max_batch_size,
-            max_wait_s=self._settings.max_batch_wait_ms / 1000,
-            threads=threads,
-            name=f"{mv.model}-v{mv.version}",
+            replicas,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_batch_wait_ms / 1000,
+            max_queue_rows=settings.max_queue_rows,
+            scaling=ScalePolicy(
+                min_replicas=settings.min_replicas,
+                max_replicas=max(settings.min_replicas, settings.max_replicas),
+                target_queue_delay_s=settings.target_queue_delay_ms / 1000,
+                cooldown_s=settings.scale_cooldown_s,
+            ),
+            name=name,
             on_batch=on_batch,
         )
+        try:
+            await batcher.start()
+        except BaseException:
+            await batcher.aclose()
+            await asyncio.to_thread(predictor.close)
+            raise
         seconds = time.perf_counter() - started
         decoder = Decoder(
             mv.schema, takes_rows=predictor.takes_rows, accepts_missing=predictor.accepts_missing

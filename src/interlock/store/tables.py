@@ -7,6 +7,9 @@ returned as a timezone-aware UTC ``datetime`` (:class:`UTCDateTime`).
 - ``models``: one row per model name.
 - ``model_versions``: the immutable versions of a model, numbered from 1.
 - ``model_aliases``: movable names (``champion``, ``challenger``…) for versions.
+- ``traffic_policies``: a model's traffic policy as JSON (weights, shadow, canary,
+  fallback) with a revision that every change bumps.
+- ``traffic_events``: what changed a model's traffic, and why, newest last.
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 
-__all__ = ["UTCDateTime", "metadata", "model_aliases", "model_versions", "models"]
+__all__ = [
+    "UTCDateTime",
+    "metadata",
+    "model_aliases",
+    "model_versions",
+    "models",
+    "traffic_events",
+    "traffic_policies",
+]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -100,4 +111,35 @@ model_aliases = sa.Table(
         ["model_versions.model", "model_versions.version"],
         ondelete="CASCADE",
     ),
+)
+
+traffic_policies = sa.Table(
+    "traffic_policies",
+    metadata,
+    sa.Column(
+        "model",
+        sa.String(128),
+        sa.ForeignKey("models.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("policy", JSONType, nullable=False),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+traffic_events = sa.Table(
+    "traffic_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "model",
+        sa.String(128),
+        sa.ForeignKey("models.name", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("at", UTCDateTime(), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Index("ix_traffic_events_model_id", "model", "id"),
 )

@@ -1,0 +1,175 @@
+"""Applying traffic policies: which version answers, and the canary guard.
+
+The router keeps the newest policy of every model in memory (one query per refresh, at
+most every ``alias_refresh_s``) so a request's routing is one dictionary look-up and a
+hash. Before a refreshed policy takes effect, every version it names is loaded and
+warmed: a weight change never makes a request wait on a load.
+
+Every request's outcome is recorded per version in a rolling window; at each refresh
+the guard compares a running canary with its stable version and advances, promotes or
+rolls it back. Nodes sharing a database evaluate their own windows and apply a step with
+a compare-and-set on the policy revision, so a step is taken once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Protocol
+
+from interlock._core.clock import Clock
+from interlock.errors import InterlockError
+from interlock.registry import Registry
+from interlock.serving.models import ModelManager
+from interlock.serving.policies import PolicyStore
+from interlock.serving.traffic import CanaryStatus, TrafficPolicy, WindowStats, evaluate_canary
+from interlock.serving.window import RollingWindow, WindowSnapshot
+
+__all__ = ["RouterObserver", "TrafficRouter"]
+
+log = logging.getLogger("interlock.serving")
+
+GUARD_WINDOW_S = 60.0
+
+
+class RouterObserver(Protocol):
+    def canary_changed(self, model: str, version: int, weight: float, action: str) -> None: ...
+
+
+class TrafficRouter:
+    """Routes requests by policy and guards canaries; one per serving process."""
+
+    def __init__(
+        self,
+        store: PolicyStore,
+        manager: ModelManager,
+        clock: Clock,
+        *,
+        registry: Registry | None = None,
+        refresh_s: float = 1.0,
+        observer: RouterObserver | None = None,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._manager = manager
+        self._clock = clock
+        self._refresh_s = refresh_s
+        self._observer = observer
+        self._policies: dict[str, TrafficPolicy] = {}
+        self._windows: dict[tuple[str, int], RollingWindow] = {}
+        self._random = random.random
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    # -- the request path ---------------------------------------------------------------
+
+    def policy(self, model: str) -> TrafficPolicy | None:
+        return self._policies.get(model)
+
+    def choose(self, policy: TrafficPolicy, route_key: bytes | None) -> int:
+        return policy.choose(route_key, self._random())
+
+    def record(self, model: str, version: int, latency_s: float, ok: bool) -> None:
+        key = (model, version)
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = RollingWindow(self._clock, GUARD_WINDOW_S)
+        window.record(latency_s, ok)
+
+    def window(self, model: str, version: int) -> WindowSnapshot:
+        window = self._windows.get((model, version))
+        return window.snapshot() if window is not None else WindowSnapshot(0, 0, 0.0, 0.0)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._refresh_forever(), name="traffic-refresh")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            try:
+                await self.refresh()
+            except InterlockError as exc:
+                log.warning("could not refresh traffic policies", extra={"error": str(exc)})
+
+    async def refresh(self) -> None:
+        """Re-read the policies, warm every version they name, then apply them."""
+        async with self._lock:
+            snapshot = await self._store.snapshot()
+            for name, policy in snapshot.items():
+                current = self._policies.get(name)
+                if current is not None and current.revision == policy.revision:
+                    snapshot[name] = current
+                    continue
+                if not await self._warm(policy):
+                    if current is not None:
+                        snapshot[name] = current  # keep routing the way that works
+                    else:
+                        del snapshot[name]
+            self._policies = snapshot
+            for policy in list(snapshot.values()):
+                if policy.canary is not None and policy.canary.status is CanaryStatus.RUNNING:
+                    await self._guard(policy)
+
+    async def _warm(self, policy: TrafficPolicy) -> bool:
+        versions = {v for v, w in policy.effective_weights().items() if w > 0}
+        if policy.shadow is not None:
+            versions.add(policy.shadow)
+        if policy.canary is not None:
+            versions.update((policy.canary.version, policy.canary.stable))
+        try:
+            for version in sorted(versions):
+                await self._manager.get(policy.model, version)
+        except InterlockError as exc:
+            log.error(
+                "a version of the new traffic policy failed to load; the old policy stays",
+                extra={"model": policy.model, "error": str(exc)},
+            )
+            return False
+        return True
+
+    async def _guard(self, policy: TrafficPolicy) -> None:
+        plan = policy.canary
+        if plan is None:
+            return
+        stable = self.window(policy.model, plan.stable)
+        canary = self.window(policy.model, plan.version)
+        decision = evaluate_canary(plan, _stats(stable), _stats(canary), self._clock.now())
+        if decision.action == "hold":
+            return
+        updated = await self._store.update_canary(policy.model, decision, policy.revision)
+        if updated is None:
+            return  # another node took this step first; the next refresh brings it
+        if not await self._warm(updated):
+            return
+        self._policies[policy.model] = updated
+        if decision.action == "promote" and self._registry is not None:
+            # A promoted canary is the new champion, so the promotion outlives the policy.
+            await self._registry.set_alias(policy.model, "champion", plan.version)
+        if decision.action in ("rollback", "promote"):
+            self._windows.pop((policy.model, plan.version), None)
+        weight = 0.0
+        if updated.canary is not None and updated.canary.status is CanaryStatus.RUNNING:
+            weight = float(updated.canary.weight)
+        level = logging.WARNING if decision.action == "rollback" else logging.INFO
+        log.log(
+            level,
+            f"canary {decision.action}",
+            extra={"model": policy.model, "version": plan.version, "reason": decision.reason},
+        )
+        if self._observer is not None:
+            self._observer.canary_changed(policy.model, plan.version, weight, decision.action)
+
+
+def _stats(snapshot: WindowSnapshot) -> WindowStats:
+    return WindowStats(requests=snapshot.requests, errors=snapshot.errors, p99_ms=snapshot.p99_ms)

@@ -1,0 +1,187 @@
+"""``interlock traffic``: in process against the sub-app, and as a user runs it.
+
+The in-process tests invoke the sub-app with the context object the root command sets,
+on SQLite and PostgreSQL. The process tests run the real entry point; until
+``cli/main.py`` adds the sub-app, the launcher adds it the way main.py will.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from interlock.cli import traffic
+from interlock.cli._context import CliState
+from interlock.errors import ModelNotFoundError, TrafficError
+from interlock.serving.traffic import CanaryAction, CanaryDecision
+from interlock.settings import Settings, load_settings
+from tests.api.support import register, set_alias, write_python_model
+
+LAUNCH = """
+from interlock.cli import main as cli, traffic
+if not any(group.name == "traffic" for group in cli.app.registered_groups):
+    cli.app.add_typer(traffic.app, name="traffic")
+cli.main()
+"""
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    """Settings for a home with ``fraud`` versions 1–3 (champion 1) registered."""
+    found = load_settings(None, home=tmp_path / "home", database_url=database_url)
+    model = write_python_model(tmp_path / "m")
+    for _ in range(3):
+        register(found, "fraud", model, "python")
+    set_alias(found, "fraud", "champion", 1)
+    return found
+
+
+@pytest.fixture
+def cli(settings: Settings) -> Callable[..., Result]:
+    """Invoke ``interlock traffic …`` in process with ``settings`` in the environment."""
+    runner = CliRunner()
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("INTERLOCK_")}
+    env.update(INTERLOCK_HOME=str(settings.home), INTERLOCK_DATABASE_URL=settings.database_url)
+
+    def invoke(*args: str) -> Result:
+        return runner.invoke(traffic.app, list(args), obj=CliState(), env=env)
+
+    return invoke
+
+
+def rollback(settings: Settings, reason: str) -> None:
+    async def run() -> None:
+        async with traffic.open_policies(settings) as store:
+            policy = await store.get("fraud")
+            assert policy is not None
+            decision = CanaryDecision(CanaryAction.ROLLBACK, reason)
+            assert await store.update_canary("fraud", decision, policy.revision) is not None
+
+    asyncio.run(run())
+
+
+def test_set_show_canary_clear(cli: Callable[..., Result], settings: Settings) -> None:
+    result = cli("set", "fraud", "1=80", "2=20", "--fallback-static", '{"p": 0}')
+    assert result.exit_code == 0, result.output
+    assert result.output == "fraud: 1=80% 2=20% (revision 1)\n"
+
+    shown = json.loads(cli("show", "fraud", "--json").output)
+    assert shown["policy"]["weights"] == {"1": 80, "2": 20}
+    assert shown["policy"]["fallback"] == {"static": {"p": 0}}
+    assert shown["effective_weights"] == {"1": 80.0, "2": 20.0}
+
+    result = cli("set", "fraud", "1=100", "--shadow", "3")
+    assert result.output == "fraud: 1=100%, shadow 3 (revision 2)\n"
+
+    guard = ("--max-error-rate", "0.05", "--max-p99-ms", "250", "--min-requests", "50")
+    result = cli("canary", "fraud", "2", "--weight", "10", "--interval", "5m", *guard)
+    assert result.exit_code == 0, result.output
+    assert result.output == "fraud: 1=90% 2=10%, shadow 3 (revision 3)\n"
+    plan = json.loads(cli("show", "fraud", "--json").output)["policy"]["canary"]
+    assert plan["steps"] == [10, 25, 50, 100]
+    assert (plan["interval_s"], plan["min_requests"], plan["stable"]) == (300.0, 50, 1)
+
+    why = "canary p99 812 ms > max 250 ms"
+    rollback(settings, why)
+    text = cli("show", "fraud").output
+    assert "revision 4" in text
+    assert "canary: version 2 against 1, rolled_back" in text
+    assert "last rollback (" in text and why in text
+    assert "canary_rolled_back" in text and "canary_started" in text
+    assert "shadow: 3" in text
+
+    result = cli("clear", "fraud")
+    assert result.output == "fraud: policy cleared\n"
+    text = cli("show", "fraud").output
+    assert "no traffic policy" in text
+    assert why in text  # the last rollback outlives the policy
+    assert cli("clear", "fraud").output == "fraud: had no traffic policy\n"
+
+
+def test_canary_steps_and_durations(cli: Callable[..., Result]) -> None:
+    result = cli("canary", "fraud", "3", "--steps", "5, 50,100", "--interval", "500ms")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(cli("show", "fraud", "--json").output)["policy"]["canary"]
+    assert (plan["steps"], plan["interval_s"], plan["version"]) == ([5, 50, 100], 0.5, 3)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        (("set", "fraud", "1:80"), TrafficError, "'1:80' is not VERSION=WEIGHT"),
+        (("set", "fraud", "1=80", "1=20"), TrafficError, "version 1 is given twice"),
+        (("set", "fraud", "1=50", "9=50"), TrafficError, "version 9 does not exist"),
+        (("set", "fraud", "1=-5", "2=5"), TrafficError, "weight for version 1 must be ≥ 0"),
+        (("set", "fraud", "1=0"), TrafficError, "at least one version needs a weight above 0"),
+        (("set", "fraud", "1=1", "--fallback-static", "{"), TrafficError, "not valid JSON"),
+        (("canary", "fraud", "2", "--interval", "5x"), TrafficError, "'5x' is not a duration"),
+        (("canary", "fraud", "2", "--steps", "5,a"), TrafficError, "not a list of percents"),
+        (("canary", "fraud", "2", "--weight", "10", "--steps", "5,50"), TrafficError,
+         "weight 10 must be the first step"),
+        (("canary", "fraud", "1"), TrafficError, "version 1 already takes the most traffic"),
+        (("show", "nope"), ModelNotFoundError, "no model named 'nope'"),
+    ],
+)  # fmt: skip
+def test_mistakes_raise_one_clear_error(
+    cli: Callable[..., Result], args: tuple[str, ...], error: type[Exception], message: str
+) -> None:
+    result = cli(*args)
+    assert result.exit_code != 0
+    assert isinstance(result.exception, error), result.output
+    assert message in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("60s", 60.0), ("5m", 300.0), ("500ms", 0.5), ("1h", 3600.0), ("90", 90.0), ("1.5s", 1.5)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert traffic.parse_duration(text) == seconds
+
+
+# -- as a user runs it -----------------------------------------------------------------
+
+
+def run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("INTERLOCK_")}
+    environment["INTERLOCK_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-c", LAUNCH, *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=home.parent,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_command_end_to_end(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    model = write_python_model(tmp_path / "m")
+    settings: Any = load_settings(None, home=home)
+    register(settings, "fraud", model, "python")
+    register(settings, "fraud", model, "python")
+
+    done = run(home, "traffic", "set", "fraud", "1=80", "2=20")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "fraud: 1=80% 2=20% (revision 1)\n"
+    shown = run(home, "traffic", "show", "fraud", "--json")
+    assert json.loads(shown.stdout)["effective_weights"] == {"1": 80.0, "2": 20.0}
+
+    bad = run(home, "traffic", "set", "fraud", "1=80", "7=20")
+    assert bad.returncode == 1
+    assert bad.stderr == "error: fraud: version 7 does not exist (versions: 1, 2)\n"
+
+    usage = run(home, "traffic", "canary", "fraud", "2", "--weight", "500")
+    assert usage.returncode == 2
+    assert usage.stderr.startswith("error: ") and "Traceback" not in usage.stderr

@@ -1,0 +1,175 @@
+"""SingleFlight: one execution per key at a time, shared by every concurrent caller."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from interlock.resilience import SingleFlight
+
+
+class Gated:
+    """An ``fn`` for SingleFlight that waits for the test to open its gate."""
+
+    def __init__(self, value: str = "v", error: BaseException | None = None) -> None:
+        self.value = value
+        self.error = error
+        self.calls = 0
+        self.started = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.tasks: list[asyncio.Task[object]] = []
+        self.finished = False
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.append(task)
+        self.started.set()
+        await self.gate.wait()
+        self.finished = True
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+async def test_concurrent_callers_share_one_execution() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    fn = Gated("answer")
+    waiters = [asyncio.create_task(flight.do("k", fn)) for _ in range(10)]
+    # Tasks run in order: by the time fn starts, every waiter has joined.
+    await fn.started.wait()
+    assert flight.in_flight == 1
+    fn.gate.set()
+    assert await asyncio.gather(*waiters) == ["answer"] * 10
+    assert fn.calls == 1
+    assert flight.in_flight == 0
+
+
+async def test_the_exception_reaches_every_caller() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    error = RuntimeError("model down")
+    fn = Gated(error=error)
+    waiters = [asyncio.create_task(flight.do("k", fn)) for _ in range(3)]
+    await fn.started.wait()
+    fn.gate.set()
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert results == [error, error, error]
+    assert all(r is error for r in results)
+    assert fn.calls == 1
+    assert flight.in_flight == 0
+
+
+async def test_different_keys_run_independently() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    fa, fb = Gated("a"), Gated("b")
+    wa = asyncio.create_task(flight.do("a", fa))
+    wb = asyncio.create_task(flight.do("b", fb))
+    await fa.started.wait()
+    await fb.started.wait()
+    assert flight.in_flight == 2
+    fa.gate.set()
+    assert await wa == "a"
+    assert flight.in_flight == 1
+    assert not wb.done()
+    fb.gate.set()
+    assert await wb == "b"
+    assert (fa.calls, fb.calls, flight.in_flight) == (1, 1, 0)
+
+
+async def test_nothing_is_cached_once_the_execution_is_done() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    first, second = Gated("1"), Gated("2")
+    first.gate.set()
+    second.gate.set()
+    assert await flight.do("k", first) == "1"
+    assert await flight.do("k", second) == "2"
+    assert (first.calls, second.calls) == (1, 1)
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_others() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    fn = Gated("v")
+    leaving = asyncio.create_task(flight.do("k", fn))
+    staying = asyncio.create_task(flight.do("k", fn))
+    await fn.started.wait()
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    assert flight.in_flight == 1
+    fn.gate.set()
+    assert await staying == "v"
+    assert fn.finished
+    assert fn.calls == 1
+
+
+async def test_a_late_caller_joins_after_another_was_cancelled() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    fn = Gated("v")
+    first = asyncio.create_task(flight.do("k", fn))
+    await fn.started.wait()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    late = asyncio.create_task(flight.do("k", fn))
+    fn.gate.set()
+    assert await late == "v"
+    assert fn.calls == 1
+
+
+async def test_when_every_waiter_is_cancelled_the_execution_still_finishes() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    fn = Gated("v")
+    waiters = [asyncio.create_task(flight.do("k", fn)) for _ in range(3)]
+    await fn.started.wait()
+    for w in waiters:
+        w.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(w.cancelled() for w in waiters)
+    assert flight.in_flight == 1
+    fn.gate.set()
+    await asyncio.wait(fn.tasks)
+    assert fn.finished
+    assert flight.in_flight == 0
+
+
+async def test_an_error_nobody_waits_for_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    error = RuntimeError("late failure")
+    fn = Gated(error=error)
+    waiter = asyncio.create_task(flight.do("k", fn))
+    await fn.started.wait()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    with caplog.at_level(logging.WARNING, logger="interlock.resilience.coalesce"):
+        fn.gate.set()
+        await asyncio.wait(fn.tasks)
+    [record] = [r for r in caplog.records if r.name == "interlock.resilience.coalesce"]
+    assert record.exc_info is not None and record.exc_info[1] is error
+    assert "'k'" in record.getMessage()
+    assert flight.in_flight == 0
+
+
+async def test_a_cancelled_execution_cancels_its_waiters() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    fn = Gated(error=asyncio.CancelledError())
+    waiters = [asyncio.create_task(flight.do("k", fn)) for _ in range(2)]
+    await fn.started.wait()
+    fn.gate.set()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(w.cancelled() for w in waiters)
+    assert flight.in_flight == 0
+
+
+async def test_an_fn_that_raises_before_awaiting_leaves_nothing_behind() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+
+    def broken() -> asyncio.Future[str]:
+        raise ValueError("bad request")
+
+    with pytest.raises(ValueError, match="bad request"):
+        await flight.do("k", broken)
+    assert flight.in_flight == 0
