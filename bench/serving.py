@@ -200,7 +200,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="interlock-bench-"))
     model, sample = train(work)
     env = {k: v for k, v in os.environ.items() if not k.startswith("INTERLOCK_")}
-    env.update({"INTERLOCK_HOME": str(work / "home"), "INTERLOCK_LOG__LEVEL": "warning"})
+    # The prediction cache is off: wrk repeats one body, and every answer must come from
+    # the model here (bench/traffic.py measures the cache).
+    env.update(
+        {
+            "INTERLOCK_HOME": str(work / "home"),
+            "INTERLOCK_LOG__LEVEL": "warning",
+            "INTERLOCK_CACHE__ENABLED": "0",
+        }
+    )
     if args.replicas is not None:
         env["INTERLOCK_SERVING__MAX_REPLICAS"] = str(args.replicas)
     if args.max_batch is not None:

@@ -159,7 +159,8 @@ class PredictionApp:
         if answer is not None:
             model_label, version_label = answer.model, str(answer.version)
             response_headers.append((b"x-interlock-model-version", version_label.encode()))
-            response_headers.append((b"x-interlock-cache", answer.cache.encode()))
+            if answer.cache != "off":
+                response_headers.append((b"x-interlock-cache", answer.cache.encode()))
             if answer.fallback is not None:
                 response_headers.append((b"x-interlock-fallback", answer.fallback.encode()))
         if status == 401:

@@ -152,6 +152,7 @@ class ServingMetrics:
             tuple[str, str, str, int], tuple[Callable[[], None], Callable[[float], None]]
         ] = {}
         self._batch_children: dict[tuple[str, int], tuple[Callable[[float], None], ...]] = {}
+        self._cache_children: dict[str, tuple[Callable[[float], None], ...]] = {}
 
     def watch_queues(self, read: QueueReader) -> None:
         self.registry.register(_QueueCollector(read))
@@ -191,10 +192,17 @@ class ServingMetrics:
 
     # PipelineObserver
     def cache_lookup(self, model: str, hits: int, misses: int) -> None:
+        children = self._cache_children.get(model)
+        if children is None:
+            children = (
+                self.cache_rows.labels(model, "hit").inc,
+                self.cache_rows.labels(model, "miss").inc,
+            )
+            self._cache_children[model] = children
         if hits:
-            self.cache_rows.labels(model, "hit").inc(hits)
+            children[0](hits)
         if misses:
-            self.cache_rows.labels(model, "miss").inc(misses)
+            children[1](misses)
 
     def fallback_used(self, model: str, failed_version: int, kind: str) -> None:
         self.fallbacks.labels(model, str(failed_version), kind).inc()

@@ -93,8 +93,9 @@ class Pipeline:
         self._breakers: dict[tuple[str, int], CircuitBreaker] = {}
         self._cache = cache
         self._ttl = cache_ttl_s
-        self._flights: dict[bytes, asyncio.Future[list[Any]]] = {}
+        self._flights: dict[bytes, asyncio.Future[list[Any]] | None] = {}
         self._writes: set[asyncio.Task[None]] = set()
+        self._pending: list[tuple[bytes, bytes]] = []
 
     # -- public ---------------------------------------------------------------------------
 
@@ -182,29 +183,35 @@ class Pipeline:
     ) -> list[Any]:
         """Identical concurrent misses share one prediction.
 
-        The first request predicts inline (no task: this is the hot path) and the others
-        wait on its future. Requests are never cancelled mid-way by the HTTP layer, so a
+        The first request predicts inline (no task, and no future unless someone joins:
+        this is the hot path); a request with the same rows arriving meanwhile waits on a
+        future the leader fills in. The HTTP layer never cancels a request mid-way, so a
         follower does not inherit a leader's cancellation in practice.
         """
-        leader = self._flights.get(key)
-        if leader is not None:
-            return await asyncio.shield(leader)
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._flights[key] = future
+        flights = self._flights
+        if key in flights:
+            waiter = flights[key]
+            if waiter is None:
+                waiter = flights[key] = asyncio.get_running_loop().create_future()
+            return await asyncio.shield(waiter)
+        flights[key] = None
         try:
             values = await self._call(loaded, batch, rows, deadline)
         except asyncio.CancelledError:
-            future.cancel()
+            waiter = flights.pop(key, None)
+            if waiter is not None:
+                waiter.cancel()
             raise
         except Exception as exc:
-            future.set_exception(exc)
-            future.exception()  # marks it retrieved when nobody follows
+            waiter = flights.pop(key, None)
+            if waiter is not None:
+                waiter.set_exception(exc)
+                waiter.exception()  # retrieved, whether or not a follower is still there
             raise
-        else:
-            future.set_result(values)
-            return values
-        finally:
-            del self._flights[key]
+        waiter = flights.pop(key, None)
+        if waiter is not None:
+            waiter.set_result(values)
+        return values
 
     async def _call(self, loaded: LoadedModel, batch: Any, rows: int, deadline: float) -> list[Any]:
         breaker = self.breaker(loaded.name, loaded.number)
@@ -230,7 +237,13 @@ class Pipeline:
         return values
 
     def _store(self, cache: Cache, items: list[tuple[bytes, bytes]]) -> None:
-        """Write the misses to the cache without making the answer wait for it."""
+        """Write the misses behind the answer: one write per loop turn, for every request."""
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush, cache)
+        self._pending.extend(items)
+
+    def _flush(self, cache: Cache) -> None:
+        items, self._pending = self._pending, []
         task = asyncio.create_task(cache.set_many(items, self._ttl))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)

@@ -72,11 +72,22 @@ class TrafficRouter:
         return policy.choose(route_key, self._random())
 
     def record(self, model: str, version: int, latency_s: float, ok: bool) -> None:
-        key = (model, version)
-        window = self._windows.get(key)
-        if window is None:
-            window = self._windows[key] = RollingWindow(self._clock, GUARD_WINDOW_S)
-        window.record(latency_s, ok)
+        """Count an outcome; only versions in a running canary (and its stable) keep a window."""
+        window = self._windows.get((model, version))
+        if window is not None:
+            window.record(latency_s, ok)
+
+    def _watch_canaries(self) -> None:
+        """Keep a window for each running canary and its stable version; drop the others."""
+        watched: set[tuple[str, int]] = set()
+        for policy in self._policies.values():
+            plan = policy.canary
+            if plan is not None and plan.status is CanaryStatus.RUNNING:
+                watched.update(((policy.model, plan.version), (policy.model, plan.stable)))
+        for key in watched - self._windows.keys():
+            self._windows[key] = RollingWindow(self._clock, GUARD_WINDOW_S)
+        for key in self._windows.keys() - watched:
+            del self._windows[key]
 
     def window(self, model: str, version: int) -> WindowSnapshot:
         window = self._windows.get((model, version))
@@ -117,6 +128,7 @@ class TrafficRouter:
                     else:
                         del snapshot[name]
             self._policies = snapshot
+            self._watch_canaries()
             for policy in list(snapshot.values()):
                 if policy.canary is not None and policy.canary.status is CanaryStatus.RUNNING:
                     await self._guard(policy)
@@ -153,11 +165,10 @@ class TrafficRouter:
         if not await self._warm(updated):
             return
         self._policies[policy.model] = updated
+        self._watch_canaries()
         if decision.action == "promote" and self._registry is not None:
             # A promoted canary is the new champion, so the promotion outlives the policy.
             await self._registry.set_alias(policy.model, "champion", plan.version)
-        if decision.action in ("rollback", "promote"):
-            self._windows.pop((policy.model, plan.version), None)
         weight = 0.0
         if updated.canary is not None and updated.canary.status is CanaryStatus.RUNNING:
             weight = float(updated.canary.weight)
