@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from interlock._core.schema import FeatureSchema, FeatureType
@@ -60,14 +60,12 @@ class LoadedModel:
     batcher: Batcher
     decoder: Decoder
     load_seconds: float
+    name: str = field(init=False)  # plain attributes, read on every request
+    number: int = field(init=False)
 
-    @property
-    def name(self) -> str:
-        return self.version.model
-
-    @property
-    def number(self) -> int:
-        return self.version.version
+    def __post_init__(self) -> None:
+        self.name = self.version.model
+        self.number = self.version.version
 
 
 def _split_ref(ref: str) -> tuple[str, str | None]:

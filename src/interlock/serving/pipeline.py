@@ -27,7 +27,7 @@ import numpy as np
 import orjson
 
 from interlock._core.clock import Clock
-from interlock.cache.base import Cache
+from interlock.cache import Cache, MemoryCache
 from interlock.errors import (
     CircuitOpenError,
     DeadlineExceededError,
@@ -92,6 +92,7 @@ class Pipeline:
         self._breaker_config = breaker
         self._breakers: dict[tuple[str, int], CircuitBreaker] = {}
         self._cache = cache
+        self._inline_writes = isinstance(cache, MemoryCache)
         self._ttl = cache_ttl_s
         self._flights: dict[bytes, asyncio.Future[list[Any]] | None] = {}
         self._writes: set[asyncio.Task[None]] = set()
@@ -117,8 +118,12 @@ class Pipeline:
             primary = await self._manager.get(ref, version)
         batch, rows = decode(primary.decoder)
         try:
-            values, cache_status = await self._run(primary, batch, rows, deadline)
-            answer = Answer(values, primary.name, primary.number, cache=cache_status)
+            if self._cache is None:
+                values = await self._call(primary, batch, rows, deadline)
+                answer = Answer(values, primary.name, primary.number, cache="off")
+            else:
+                values, cache_status = await self._run(primary, batch, rows, deadline)
+                answer = Answer(values, primary.name, primary.number, cache=cache_status)
         except _FALL_BACK_ON as exc:
             answer = await self._fallback(primary, decode, deadline, exc)
         if policy is not None and policy.shadow is not None and policy.shadow != answer.version:
@@ -168,9 +173,11 @@ class Pipeline:
         fresh = await self._coalesced(
             b"\x00".join(keys[i] for i in missing), loaded, sub, sub_rows, deadline
         )
-        self._store(
-            cache, [(keys[i], orjson.dumps(v)) for i, v in zip(missing, fresh, strict=True)]
-        )
+        items = [(keys[i], orjson.dumps(v)) for i, v in zip(missing, fresh, strict=True)]
+        if self._inline_writes:
+            await cache.set_many(items, self._ttl)  # in memory: no I/O, visible at once
+        else:
+            self._store(cache, items)
         if len(missing) == rows:
             return fresh, "miss"
         out = [orjson.loads(v) if v is not None else None for v in cached]
@@ -214,7 +221,9 @@ class Pipeline:
         return values
 
     async def _call(self, loaded: LoadedModel, batch: Any, rows: int, deadline: float) -> list[Any]:
-        breaker = self.breaker(loaded.name, loaded.number)
+        breaker = self._breakers.get((loaded.name, loaded.number))
+        if breaker is None:
+            breaker = self.breaker(loaded.name, loaded.number)
         if not breaker.allow():
             raise CircuitOpenError(
                 f"{loaded.name} version {loaded.number} is failing; its circuit is open",
@@ -237,7 +246,8 @@ class Pipeline:
         return values
 
     def _store(self, cache: Cache, items: list[tuple[bytes, bytes]]) -> None:
-        """Write the misses behind the answer: one write per loop turn, for every request."""
+        """Write the misses behind the answer (a shared cache: one round trip per loop turn,
+        for every request answered in it)."""
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._flush, cache)
         self._pending.extend(items)
