@@ -121,7 +121,15 @@ def build_components(settings: Settings) -> Components:
     )
     metrics.watch_queues(
         lambda: [
-            (m.name, m.number, m.batcher.queued_rows, m.batcher.busy) for m in manager.loaded()
+            (
+                m.name,
+                m.number,
+                m.batcher.queued_rows,
+                m.batcher.busy,
+                m.batcher.replicas,
+                m.batcher.queue_delay_s,
+            )
+            for m in manager.loaded()
         ]
     )
     return Components(

@@ -54,6 +54,8 @@ def test_requests_latency_batches_queue_and_load_time_are_exported(
     assert got[("interlock_predicted_rows_total", version)] == 6
     assert got[("interlock_batch_size_rows_count", version)] == 3
     assert got[("interlock_queue_depth_rows", version)] == 0
+    assert got[("interlock_replicas", version)] >= 1
+    assert got[("interlock_queue_delay_seconds", version)] >= 0
     assert got[("interlock_model_loaded", version)] == 1
     assert got[("interlock_model_load_seconds_count", frozenset({("model", "calc")}))] == 1
 

@@ -24,7 +24,8 @@ _LATENCY_BUCKETS = (
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-QueueReader = Callable[[], Iterable[tuple[str, int, int, int]]]
+# (model, version, queued rows, busy replicas, ready replicas, queueing delay in seconds)
+QueueReader = Callable[[], Iterable[tuple[str, int, int, int, int, float]]]
 
 
 class _QueueCollector(Collector):
@@ -32,21 +33,37 @@ class _QueueCollector(Collector):
         self._read = read
 
     def collect(self) -> Iterable[Metric]:
+        labels = ["model", "version"]
         depth = GaugeMetricFamily(
             "interlock_queue_depth_rows",
-            "Rows waiting for an inference thread, per loaded version.",
-            labels=["model", "version"],
+            "Rows waiting for an inference worker, per loaded version.",
+            labels=labels,
         )
         running = GaugeMetricFamily(
             "interlock_batches_in_flight",
             "Batches being predicted now, per loaded version.",
-            labels=["model", "version"],
+            labels=labels,
         )
-        for model, version, queued, in_flight in self._read():
-            depth.add_metric([model, str(version)], queued)
-            running.add_metric([model, str(version)], in_flight)
+        replicas = GaugeMetricFamily(
+            "interlock_replicas",
+            "Inference workers ready per loaded version (autoscaled between min and max).",
+            labels=labels,
+        )
+        delay = GaugeMetricFamily(
+            "interlock_queue_delay_seconds",
+            "Queueing delay per loaded version (moving average): what HPA/KEDA scale on.",
+            labels=labels,
+        )
+        for model, version, queued, busy, ready, delay_s in self._read():
+            key = [model, str(version)]
+            depth.add_metric(key, queued)
+            running.add_metric(key, busy)
+            replicas.add_metric(key, ready)
+            delay.add_metric(key, delay_s)
         yield depth
         yield running
+        yield replicas
+        yield delay
 
 
 class ServingMetrics:
