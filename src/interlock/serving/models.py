@@ -62,10 +62,12 @@ class LoadedModel:
     load_seconds: float
     name: str = field(init=False)  # plain attributes, read on every request
     number: int = field(init=False)
+    cache_prefix: bytes = field(init=False)
 
     def __post_init__(self) -> None:
         self.name = self.version.model
         self.number = self.version.version
+        self.cache_prefix = f"{self.name}\x00{self.number}\x00".encode()
 
 
 def _split_ref(ref: str) -> tuple[str, str | None]:

@@ -316,9 +316,11 @@ class Pipeline:
 
 def _row_keys(loaded: LoadedModel, batch: Any, rows: int) -> list[bytes]:
     """One cache key per row: model, version and the row's canonical bytes."""
-    prefix = f"{loaded.name}\x00{loaded.number}\x00".encode()
+    prefix = loaded.cache_prefix
     if loaded.decoder.takes_rows:
         return [prefix + orjson.dumps(row, option=orjson.OPT_SORT_KEYS) for row in batch]
-    raw = np.ascontiguousarray(batch, dtype=np.float64).tobytes()
+    raw = batch.tobytes() if batch.flags.c_contiguous else np.ascontiguousarray(batch).tobytes()
+    if rows == 1:
+        return [prefix + raw]
     width = len(raw) // rows
     return [prefix + raw[i * width : (i + 1) * width] for i in range(rows)]
