@@ -60,6 +60,7 @@ class LoadedModel:
     batcher: Batcher
     decoder: Decoder
     load_seconds: float
+    breaker: Any = None  # the pipeline's circuit breaker for this version, set on first use
     name: str = field(init=False)  # plain attributes, read on every request
     number: int = field(init=False)
     cache_prefix: bytes = field(init=False)
@@ -173,6 +174,10 @@ class ModelManager:
         if loaded is not None:
             return loaded
         return await self._ensure_loaded(await self._registry.get_version(name, version))
+
+    def routed(self, ref: str) -> LoadedModel | None:
+        """The loaded version a route points at now, if it is loaded; no await needed."""
+        return self._routes.get(ref)
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._loaded.values())

@@ -110,12 +110,15 @@ class Pipeline:
         route_key: bytes | None = None,
         request_id: str | None = None,
     ) -> Answer:
-        name, _, alias = ref.partition("@")
-        policy = self._router.policy(name) if not alias and version is None else None
+        policy = None
+        if version is None and "@" not in ref:
+            policy = self._router.policies.get(ref)
         if policy is not None:
-            primary = await self._manager.get(name, self._router.choose(policy, route_key))
+            primary = await self._manager.get(ref, self._router.choose(policy, route_key))
         else:
-            primary = await self._manager.get(ref, version)
+            # The common case, routed without a coroutine: a loaded default route.
+            routed = self._manager.routed(ref) if version is None else None
+            primary = routed if routed is not None else await self._manager.get(ref, version)
         batch, rows = decode(primary.decoder)
         try:
             if self._cache is None:
@@ -221,9 +224,9 @@ class Pipeline:
         return values
 
     async def _call(self, loaded: LoadedModel, batch: Any, rows: int, deadline: float) -> list[Any]:
-        breaker = self._breakers.get((loaded.name, loaded.number))
+        breaker = loaded.breaker
         if breaker is None:
-            breaker = self.breaker(loaded.name, loaded.number)
+            breaker = loaded.breaker = self.breaker(loaded.name, loaded.number)
         if not breaker.allow():
             raise CircuitOpenError(
                 f"{loaded.name} version {loaded.number} is failing; its circuit is open",
@@ -235,14 +238,16 @@ class Pipeline:
         except (PredictionError, DeadlineExceededError):
             elapsed = time.perf_counter() - started
             breaker.record(elapsed, ok=False)
-            self._router.record(loaded.name, loaded.number, elapsed, ok=False)
+            if self._router.watching:
+                self._router.record(loaded.name, loaded.number, elapsed, ok=False)
             raise
         except BaseException:
             breaker.release()
             raise
         elapsed = time.perf_counter() - started
         breaker.record(elapsed, ok=True)
-        self._router.record(loaded.name, loaded.number, elapsed, ok=True)
+        if self._router.watching:
+            self._router.record(loaded.name, loaded.number, elapsed, ok=True)
         return values
 
     def _store(self, cache: Cache, items: list[tuple[bytes, bytes]]) -> None:

@@ -57,7 +57,8 @@ class TrafficRouter:
         self._clock = clock
         self._refresh_s = refresh_s
         self._observer = observer
-        self._policies: dict[str, TrafficPolicy] = {}
+        self.policies: dict[str, TrafficPolicy] = {}  # read on every request: a plain dict
+        self.watching = False  # whether any version keeps a canary window
         self._windows: dict[tuple[str, int], RollingWindow] = {}
         self._random = random.random
         self._task: asyncio.Task[None] | None = None
@@ -66,7 +67,7 @@ class TrafficRouter:
     # -- the request path ---------------------------------------------------------------
 
     def policy(self, model: str) -> TrafficPolicy | None:
-        return self._policies.get(model)
+        return self.policies.get(model)
 
     def choose(self, policy: TrafficPolicy, route_key: bytes | None) -> int:
         return policy.choose(route_key, self._random())
@@ -80,7 +81,7 @@ class TrafficRouter:
     def _watch_canaries(self) -> None:
         """Keep a window for each running canary and its stable version; drop the others."""
         watched: set[tuple[str, int]] = set()
-        for policy in self._policies.values():
+        for policy in self.policies.values():
             plan = policy.canary
             if plan is not None and plan.status is CanaryStatus.RUNNING:
                 watched.update(((policy.model, plan.version), (policy.model, plan.stable)))
@@ -88,6 +89,7 @@ class TrafficRouter:
             self._windows[key] = RollingWindow(self._clock, GUARD_WINDOW_S)
         for key in self._windows.keys() - watched:
             del self._windows[key]
+        self.watching = bool(self._windows)
 
     def window(self, model: str, version: int) -> WindowSnapshot:
         window = self._windows.get((model, version))
@@ -118,7 +120,7 @@ class TrafficRouter:
         async with self._lock:
             snapshot = await self._store.snapshot()
             for name, policy in snapshot.items():
-                current = self._policies.get(name)
+                current = self.policies.get(name)
                 if current is not None and current.revision == policy.revision:
                     snapshot[name] = current
                     continue
@@ -127,7 +129,7 @@ class TrafficRouter:
                         snapshot[name] = current  # keep routing the way that works
                     else:
                         del snapshot[name]
-            self._policies = snapshot
+            self.policies = snapshot
             self._watch_canaries()
             for policy in list(snapshot.values()):
                 if policy.canary is not None and policy.canary.status is CanaryStatus.RUNNING:
@@ -164,7 +166,7 @@ class TrafficRouter:
             return  # another node took this step first; the next refresh brings it
         if not await self._warm(updated):
             return
-        self._policies[policy.model] = updated
+        self.policies[policy.model] = updated
         self._watch_canaries()
         if decision.action == "promote" and self._registry is not None:
             # A promoted canary is the new champion, so the promotion outlives the policy.
