@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,25 +27,10 @@ import pytest
 
 from interlock._core.clock import SystemClock
 from interlock.cache import Cache, MemoryCache
+from tests.clock import ManualClock
 from tests.conftest import REDIS_URL, require_service
 
 T = TypeVar("T")
-
-
-class ManualClock:
-    """A :class:`~interlock._core.clock.Clock` that moves only when told to."""
-
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def now(self) -> datetime:
-        return datetime.fromtimestamp(self.t, UTC)
-
-    def monotonic(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -12,26 +11,11 @@ import pytest
 from interlock.errors import ConfigError
 from interlock.resilience import BreakerConfig, BreakerState, BreakerStats, CircuitBreaker
 from interlock.settings import BreakerSettings
+from tests.clock import ManualClock
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 
 Transition = tuple[str, BreakerState, BreakerState]
-
-
-class ManualClock:
-    """A Clock that moves only when the test says so."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.t = start
-
-    def now(self) -> datetime:
-        return datetime.fromtimestamp(self.t, UTC)
-
-    def monotonic(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 def make(**config: Any) -> tuple[CircuitBreaker, ManualClock, list[Transition]]:

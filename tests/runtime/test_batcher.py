@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 from interlock.errors import DeadlineExceededError, OverloadedError, PredictionError
 from interlock.runtime.batcher import Batcher
 from interlock.runtime.pool import ScalePolicy, ThreadReplicas
+from tests.clock import ManualClock
 
 
 class Gate:
@@ -214,22 +214,6 @@ async def test_with_max_wait_a_partial_batch_takes_a_free_thread_after_waiting()
     release.set()
     await asyncio.gather(first, second)
     await batcher.aclose()
-
-
-class ManualClock:
-    """A :class:`~interlock._core.clock.Clock` that moves only when told to."""
-
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def now(self) -> datetime:
-        return datetime.fromtimestamp(self.t, UTC)
-
-    def monotonic(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 async def test_a_full_queue_sheds_at_once_with_a_retry_after_from_the_throughput() -> None:

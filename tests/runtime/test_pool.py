@@ -9,7 +9,6 @@ import textwrap
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 from interlock.errors import PredictionError, RuntimeLoadError
 from interlock.runtime.batcher import Batcher
 from interlock.runtime.pool import Autoscaler, ProcessReplicas, ScalePolicy, ThreadReplicas
+from tests.clock import ManualClock
 
 # A python-format model that answers with its process ID. A row may hold the model inside
 # ``predict``: it writes the PID to the FIFO ``entered`` (which blocks until the test
@@ -46,22 +46,6 @@ class Model:
                     fifo.read()
         return [os.getpid() for _ in rows]
 """
-
-
-class ManualClock:
-    """A :class:`~interlock._core.clock.Clock` that moves only when told to."""
-
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def now(self) -> datetime:
-        return datetime.fromtimestamp(self.t, UTC)
-
-    def monotonic(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
