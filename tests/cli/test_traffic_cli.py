@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,13 +23,7 @@ from interlock.errors import ModelNotFoundError, TrafficError
 from interlock.serving.traffic import CanaryAction, CanaryDecision
 from interlock.settings import Settings, load_settings
 from tests.api.support import register, set_alias, write_python_model
-
-LAUNCH = """
-from interlock.cli import main as cli, traffic
-if not any(group.name == "traffic" for group in cli.app.registered_groups):
-    cli.app.add_typer(traffic.app, name="traffic")
-cli.main()
-"""
+from tests.cli.test_cli import run
 
 
 @pytest.fixture
@@ -149,20 +141,6 @@ def test_parse_duration(text: str, seconds: float) -> None:
 
 
 # -- as a user runs it -----------------------------------------------------------------
-
-
-def run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("INTERLOCK_")}
-    environment["INTERLOCK_HOME"] = str(home)
-    return subprocess.run(
-        [sys.executable, "-c", LAUNCH, *args],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=home.parent,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_the_command_end_to_end(tmp_path: Path) -> None:
