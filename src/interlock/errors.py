@@ -24,6 +24,9 @@ status codes at the edge.
     ├── DeadlineExceededError        the request's deadline passed before it was answered
     ├── TrafficError                 a traffic policy that cannot be applied
     ├── CacheError                   the cache backend failed (callers fail open)
+    ├── UpstreamError                an LLM provider failed (status, transient, retry_after_s)
+    ├── RateLimitedError             a tenant's or deployment's RPM/TPM is spent: 429
+    ├── BudgetExceededError          a tenant's spending budget is spent: 429
     └── AuthError                    a missing or wrong key
 """
 
@@ -34,6 +37,7 @@ from typing import ClassVar
 __all__ = [
     "ArtifactIntegrityError",
     "AuthError",
+    "BudgetExceededError",
     "CacheError",
     "CircuitOpenError",
     "ConfigError",
@@ -47,12 +51,14 @@ __all__ = [
     "OverloadedError",
     "PayloadTooLargeError",
     "PredictionError",
+    "RateLimitedError",
     "RegistryError",
     "RuntimeLoadError",
     "StoreError",
     "TrafficError",
     "UnavailableError",
     "UnsafeArtifactError",
+    "UpstreamError",
 ]
 
 
@@ -161,3 +167,60 @@ class CacheError(InterlockError):
 
 class AuthError(InterlockError):
     """A key is missing or wrong."""
+
+
+class UpstreamError(InterlockError):
+    """An LLM provider's call failed.
+
+    ``status`` is the upstream's HTTP status (``None`` for a connect/read timeout, a broken
+    connection or a body that is not the protocol's); ``kind`` names the failure
+    (``http``, ``timeout``, ``connect``, ``malformed``, ``stream_cut``); ``transient``
+    says whether another attempt may succeed (429, 408, 5xx, timeouts, broken or malformed
+    bodies); ``retry_after_s`` is the upstream's Retry-After when it sent one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        kind: str = "http",
+        transient: bool = False,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.transient = transient
+        self.retry_after_s = retry_after_s
+
+
+class RateLimitedError(InterlockError):
+    """A request/token limit is spent; ``retry_after_s`` says when it frees up.
+
+    ``limit`` names the limit that refused (``tenant:NAME:rpm``, ``deployment:NAME:tpm``);
+    ``headers`` are the ``x-ratelimit-*`` headers to send with the 429.
+    """
+
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float,
+        limit: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.limit = limit
+        self.headers = headers or {}
+
+
+class BudgetExceededError(InterlockError):
+    """A tenant has spent its daily or monthly budget; ``retry_after_s``: until it resets."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

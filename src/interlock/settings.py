@@ -49,10 +49,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -66,6 +66,13 @@ __all__ = [
     "AuthSettings",
     "BreakerSettings",
     "CacheSettings",
+    "LLMCacheSettings",
+    "LLMDeployment",
+    "LLMLimitSettings",
+    "LLMModel",
+    "LLMRetrySettings",
+    "LLMSettings",
+    "LLMTenant",
     "LogSettings",
     "ServerSettings",
     "ServingSettings",
@@ -147,6 +154,139 @@ class LogSettings(BaseModel):
     json_lines: bool | None = None
 
 
+# -- LLM gateway ------------------------------------------------------------------------
+
+
+class LLMDeployment(BaseModel):
+    """One upstream endpoint serving one model: what ``[[llm.deployments]]`` holds."""
+
+    model_config = _FROZEN
+
+    name: str = Field(min_length=1, description="unique among deployments")
+    provider: Literal["openai", "anthropic"] = "openai"
+    base_url: str = Field(min_length=1, description="e.g. https://api.openai.com/v1")
+    api_key_env: str | None = Field(None, description="the variable holding the key")
+    model: str = Field(min_length=1, description="the upstream's model name")
+    rpm: int | None = Field(None, gt=0, description="requests per minute the provider allows")
+    tpm: int | None = Field(None, gt=0, description="tokens per minute the provider allows")
+    input_cost_per_1k: float = Field(0.0, ge=0, description="USD per 1,000 prompt tokens")
+    output_cost_per_1k: float = Field(0.0, ge=0, description="USD per 1,000 completion tokens")
+    timeout_s: float = Field(60.0, gt=0, description="per attempt")
+    weight: float = Field(1.0, gt=0, description="share under the 'weighted' strategy")
+    max_connections: int = Field(256, ge=1, description="open connections to the upstream")
+    api_version: str | None = Field(None, description="anthropic-version, when it matters")
+
+
+class LLMModel(BaseModel):
+    """A model name clients ask for, served by one or more deployments."""
+
+    model_config = _FROZEN
+
+    name: str = Field(min_length=1)
+    deployments: list[str] = Field(min_length=1)
+    strategy: Literal["latency", "weighted", "least-busy"] = "latency"
+    fallbacks: list[str] = Field(default_factory=list, description="other model names, in order")
+    semantic_cache: bool = Field(False, description="answer close paraphrases from the cache")
+    semantic_threshold: float | None = Field(None, gt=0, le=1, description="else the cache's")
+
+
+class LLMTenant(BaseModel):
+    """A client of the gateway, known by its key; with no tenants the gateway is open."""
+
+    model_config = _FROZEN
+
+    name: str = Field(min_length=1)
+    key_env: str = Field(min_length=1, description="the variable holding the tenant's key")
+    rpm: int | None = Field(None, gt=0)
+    tpm: int | None = Field(None, gt=0)
+    budget_usd_per_day: float | None = Field(None, ge=0)
+    budget_usd_per_month: float | None = Field(None, ge=0)
+
+
+class LLMCacheSettings(BaseModel):
+    model_config = _FROZEN
+
+    enabled: bool = True
+    url: str = Field("memory://", description="memory:// or redis://host:port/db")
+    ttl_s: float = Field(3600.0, gt=0, description="how long an answer is served fresh")
+    stale_ttl_s: float = Field(
+        86400.0, ge=0, description="how long after that it may answer when nothing else can"
+    )
+    max_bytes: int = Field(128 * 1024 * 1024, gt=0, description="memory backend only")
+    cache_sampled: bool = Field(False, description="cache requests with temperature > 0 too")
+    semantic_embeddings: str | None = Field(
+        None,
+        description="an [[llm.models]] name whose embeddings the semantic cache uses; "
+        "unset: the local model of interlock[semantic]",
+    )
+    semantic_threshold: float = Field(0.95, gt=0, le=1, description="cosine similarity")
+    semantic_max_entries: int = Field(100_000, ge=1, description="per tenant and model")
+
+
+class LLMLimitSettings(BaseModel):
+    model_config = _FROZEN
+
+    url: str = Field("memory://", description="memory:// (one node) or redis:// (shared)")
+    queue: bool = Field(False, description="over a limit: wait until the deadline, not 429")
+
+
+class LLMRetrySettings(BaseModel):
+    model_config = _FROZEN
+
+    max_attempts: int = Field(3, ge=1, description="per deployment, the first included")
+    base_delay_ms: float = Field(100.0, ge=0)
+    max_delay_ms: float = Field(5000.0, ge=0)
+    budget_ratio: float = Field(0.2, ge=0, description="retries allowed per request, on average")
+    budget_min_per_s: float = Field(10.0, ge=0, description="retries always allowed per second")
+    timeout_s: float = Field(120.0, gt=0, description="whole-request deadline by default")
+
+
+def _llm_breaker() -> BreakerSettings:
+    return BreakerSettings(
+        failure_rate=0.5, slow_call_ms=30_000.0, window_calls=20, min_calls=5, open_s=30.0
+    )
+
+
+class LLMSettings(BaseModel):
+    model_config = _FROZEN
+
+    deployments: list[LLMDeployment] = Field(default_factory=list)
+    models: list[LLMModel] = Field(default_factory=list)
+    tenants: list[LLMTenant] = Field(default_factory=list)
+    cache: LLMCacheSettings = LLMCacheSettings()
+    limits: LLMLimitSettings = LLMLimitSettings()
+    retry: LLMRetrySettings = LLMRetrySettings()
+    breaker: BreakerSettings = Field(default_factory=_llm_breaker)
+    log_prompts: bool = Field(False, description="put prompts in log lines (never keys)")
+    usage_flush_s: float = Field(1.0, gt=0, description="how often usage is written")
+
+    @model_validator(mode="after")
+    def _check_names(self) -> LLMSettings:
+        deployments = [d.name for d in self.deployments]
+        models = [m.name for m in self.models]
+        tenants = [t.name for t in self.tenants]
+        for kind, names in (("deployment", deployments), ("model", models), ("tenant", tenants)):
+            seen: set[str] = set()
+            for name in names:
+                if name in seen:
+                    raise ValueError(f"two LLM {kind}s are named {name!r}")
+                seen.add(name)
+        for model in self.models:
+            for dep in model.deployments:
+                if dep not in deployments:
+                    raise ValueError(f"model {model.name!r} names unknown deployment {dep!r}")
+            for fallback in model.fallbacks:
+                if fallback not in models or fallback == model.name:
+                    raise ValueError(f"model {model.name!r} has invalid fallback {fallback!r}")
+        embedder = self.cache.semantic_embeddings
+        if embedder is not None and embedder not in models:
+            raise ValueError(f"cache.semantic_embeddings names unknown model {embedder!r}")
+        return self
+
+    def deployment(self, name: str) -> LLMDeployment:
+        return next(d for d in self.deployments if d.name == name)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="INTERLOCK_",
@@ -164,6 +304,7 @@ class Settings(BaseSettings):
     breaker: BreakerSettings = BreakerSettings()
     auth: AuthSettings = AuthSettings()
     log: LogSettings = LogSettings()
+    llm: LLMSettings = LLMSettings()
 
     @property
     def effective_database_url(self) -> str:
@@ -182,6 +323,8 @@ class Settings(BaseSettings):
         auth = data["auth"]
         auth["admin_key"] = "********" if self.auth.admin_key else None
         auth["client_keys"] = ["********" for _ in self.auth.client_keys]
+        data["llm"]["cache"]["url"] = mask_url(self.llm.cache.url)
+        data["llm"]["limits"]["url"] = mask_url(self.llm.limits.url)
         return data
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from interlock.errors import (
     AuthError,
+    BudgetExceededError,
     DeadlineExceededError,
     FeatureError,
     InputError,
@@ -13,12 +14,14 @@ from interlock.errors import (
     OverloadedError,
     PayloadTooLargeError,
     PredictionError,
+    RateLimitedError,
     RegistryError,
     RuntimeLoadError,
     StoreError,
     TrafficError,
     UnavailableError,
     UnsafeArtifactError,
+    UpstreamError,
 )
 
 __all__ = ["status_for"]
@@ -35,11 +38,14 @@ _TABLE: tuple[tuple[type[InterlockError], int], ...] = (
     (RegistryError, 409),
     (TrafficError, 422),
     (OverloadedError, 429),
+    (RateLimitedError, 429),
+    (BudgetExceededError, 429),
     (UnavailableError, 503),
     (DeadlineExceededError, 504),
     (RuntimeLoadError, 503),
     (StoreError, 503),
     (PredictionError, 500),
+    (UpstreamError, 502),
 )
 
 
