@@ -15,6 +15,7 @@ import typer
 
 from interlock import __version__
 from interlock.cli import config as config_cmd
+from interlock.cli import llm as llm_cmd
 from interlock.cli import models as models_cmd
 from interlock.cli import serve as serve_cmd
 from interlock.cli import traffic as traffic_cmd
@@ -33,6 +34,7 @@ app = typer.Typer(
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(traffic_cmd.app, name="traffic")
+app.add_typer(llm_cmd.app, name="llm")
 app.command("serve")(serve_cmd.serve)
 app.command("demo")(serve_cmd.demo)
 

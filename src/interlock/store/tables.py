@@ -10,6 +10,8 @@ returned as a timezone-aware UTC ``datetime`` (:class:`UTCDateTime`).
 - ``traffic_policies``: a model's traffic policy as JSON (weights, shadow, canary,
   fallback) with a revision that every change bumps.
 - ``traffic_events``: what changed a model's traffic, and why, newest last.
+- ``llm_usage``: one row per LLM gateway call (tokens, cost, cache savings), written
+  in batches by :class:`interlock.llm.usage.UsageRecorder`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from sqlalchemy.engine import Dialect
 
 __all__ = [
     "UTCDateTime",
+    "llm_usage",
     "metadata",
     "model_aliases",
     "model_versions",
@@ -142,4 +145,29 @@ traffic_events = sa.Table(
     sa.Column("message", sa.Text, nullable=False),
     sa.Column("revision", sa.Integer, nullable=False),
     sa.Index("ix_traffic_events_model_id", "model", "id"),
+)
+
+llm_usage = sa.Table(
+    "llm_usage",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("at", UTCDateTime(), nullable=False),
+    sa.Column("tenant", sa.String(128), nullable=True),  # NULL: the gateway is open
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("deployment", sa.String(128), nullable=True),  # NULL: no upstream answered
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("cost_usd", sa.Double, nullable=False),
+    sa.Column("cache_hit", sa.Boolean, nullable=False),
+    sa.Column("saved_cost_usd", sa.Double, nullable=False),
+    sa.Column("latency_ms", sa.Double, nullable=False),
+    sa.Index("ix_llm_usage_at", "at"),
+    sa.Index("ix_llm_usage_tenant_at", "tenant", "at"),
 )
