@@ -23,10 +23,15 @@ from interlock._core.clock import SystemClock
 from interlock.api.admin import build_admin_router
 from interlock.api.errors import status_for
 from interlock.api.inference import build_inference_router
+from interlock.api.llm import LLMApp
 from interlock.api.predict import ASGIApp, PredictionApp
 from interlock.api.traffic import build_traffic_router
 from interlock.cache import Cache, open_cache
 from interlock.errors import InterlockError
+from interlock.llm.factory import open_gateway
+from interlock.llm.gateway import Gateway
+from interlock.llm.usage import usage_summary
+from interlock.monitoring.llm import LLMMetrics
 from interlock.monitoring.metrics import ServingMetrics
 from interlock.registry import Registry
 from interlock.resilience.breaker import BreakerConfig
@@ -60,6 +65,7 @@ class Components:
     shadow: ShadowRunner
     cache: Cache | None
     pipeline: Pipeline
+    gateway: Gateway | None = None
 
 
 def _registry(settings: Settings) -> tuple[Database, ArtifactStore, Registry]:
@@ -132,6 +138,11 @@ def build_components(settings: Settings) -> Components:
             for m in manager.loaded()
         ]
     )
+    gateway = None
+    if settings.llm.models:
+        gateway = open_gateway(
+            settings, database=database, metrics=LLMMetrics(metrics.registry), clock=clock
+        )
     return Components(
         settings,
         database,
@@ -144,6 +155,7 @@ def build_components(settings: Settings) -> Components:
         shadow,
         cache,
         pipeline,
+        gateway,
     )
 
 
@@ -168,10 +180,14 @@ def create_app(settings: Settings, components: Components | None = None) -> ASGI
         await _preload(parts)
         await parts.manager.start()
         await parts.router.start()
+        if parts.gateway is not None:
+            await parts.gateway.__aenter__()
         log.info("interlock is serving", extra={"version": __version__})
         try:
             yield {"components": parts}
         finally:
+            if parts.gateway is not None:
+                await parts.gateway.aclose()
             await parts.router.aclose()
             await parts.shadow.aclose()
             await parts.pipeline.aclose()
@@ -210,10 +226,24 @@ def create_app(settings: Settings, components: Components | None = None) -> ASGI
     )
     api.include_router(build_admin_router(parts.registry, parts.manager, parts.shadow, admin_keys))
     api.include_router(build_traffic_router(parts.policies, parts.router.refresh, admin_keys))
+    inner: ASGIApp = api
+    if parts.gateway is not None:
+
+        async def usage(**query: object) -> dict[str, object]:
+            return await usage_summary(parts.database, **query)  # type: ignore[arg-type]
+
+        admin_key = settings.auth.admin_key
+        inner = LLMApp(
+            parts.gateway,
+            api,
+            usage=usage,
+            admin_key=admin_key.get_secret_value().encode() if admin_key else None,
+            max_body_bytes=settings.server.max_body_bytes,
+        )
     return PredictionApp(
         parts.pipeline,
         parts.metrics,
-        api,
+        inner,
         max_body_bytes=settings.server.max_body_bytes,
         default_timeout_ms=settings.serving.default_timeout_ms,
         client_keys=client_keys,

@@ -1,0 +1,77 @@
+"""Build a :class:`~interlock.llm.gateway.Gateway` from the settings.
+
+Nothing connects here: providers open their connections on first use, and the limiter,
+the ledger and the cache connect to Redis lazily. The gateway's usage recorder starts
+when the gateway is entered (``async with``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+from interlock._core.clock import Clock, SystemClock
+from interlock.llm.budgets import open_ledger
+from interlock.llm.cache import open_llm_cache
+from interlock.llm.gateway import Gateway, tenant_keys_from_env
+from interlock.llm.limits import open_limiter
+from interlock.llm.providers import make_provider
+from interlock.llm.semantic import CallableEmbedder, Embedder, LocalEmbedder
+from interlock.llm.usage import UsageRecorder
+from interlock.monitoring.llm import LLMMetrics
+from interlock.settings import Settings
+from interlock.store.db import Database
+
+__all__ = ["open_gateway"]
+
+
+def open_gateway(
+    settings: Settings,
+    *,
+    database: Database | None = None,
+    metrics: LLMMetrics | None = None,
+    clock: Clock | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Gateway:
+    """The gateway of ``settings.llm``; usage is recorded when ``database`` is given.
+
+    Raises ConfigError when a deployment's or tenant's key variable is not set, or a
+    backend URL cannot be used.
+    """
+    llm = settings.llm
+    clock = clock or SystemClock()
+    env = dict(environ if environ is not None else os.environ)
+    providers = {d.name: make_provider(d) for d in llm.deployments}
+    limiter = open_limiter(llm.limits.url, clock=clock)
+    ledger = open_ledger(llm.limits.url, clock=clock)
+    holder: list[Gateway] = []
+    cache = None
+    if llm.cache.enabled:
+        embedder: Embedder | None = None
+        if any(m.semantic_cache for m in llm.models):
+            name = llm.cache.semantic_embeddings
+            if name is None:
+                embedder = LocalEmbedder()
+            else:
+
+                async def embed(texts: list[str]) -> Sequence[Sequence[float]]:
+                    reply = await holder[0].embeddings({"model": name, "input": texts})
+                    data = sorted(reply.completion["data"], key=lambda d: d["index"])
+                    return [d["embedding"] for d in data]
+
+                embedder = CallableEmbedder(embed)
+        cache = open_llm_cache(llm.cache, clock=clock, embedder=embedder, timeout_s=0.05)
+    usage = UsageRecorder(database, flush_s=llm.usage_flush_s) if database is not None else None
+    gateway = Gateway(
+        llm,
+        providers,
+        limiter=limiter,
+        ledger=ledger,
+        cache=cache,
+        usage=usage,
+        metrics=metrics,
+        clock=clock,
+        tenant_keys=tenant_keys_from_env(llm, env),
+    )
+    holder.append(gateway)
+    return gateway
