@@ -511,3 +511,19 @@ def test_metrics_count_requests_tokens_cost_and_cache(serve: Any) -> None:
     assert 'interlock_llm_tokens_total{deployment="d1",kind="prompt",model="gpt"} 5.0' in metrics
     assert "interlock_llm_cost_usd_total" in metrics
     assert "interlock_llm_overhead_seconds_bucket" in metrics
+
+
+def test_a_deployment_at_its_own_rpm_is_skipped_not_refused(serve: Any, fake: FakeUpstream) -> None:
+    server = serve(
+        deployments=[
+            deployment(fake, "d1", rpm=2),
+            deployment(fake, "d2", weight=1e-9),  # d1 always comes first
+            deployment(fake, "d3"),
+        ],
+        models=[{"name": "gpt", "deployments": ["d1", "d2"], "strategy": "weighted"}],
+    )
+    sdk = client(server.url)
+    used = [chat(sdk, f"question {i}").headers["x-interlock-deployment"] for i in range(12)]
+    assert used.count("d1") == 2  # the provider's quota is never exceeded
+    assert fake.count("d1") == 2
+    assert used.count("d2") == 10

@@ -480,6 +480,8 @@ class Gateway:
         if model is None:
             raise ModelNotFoundError(f"model: no LLM model named {name!r} is configured")
         info.model = model.name
+        if self.settings.log_prompts:  # off by default: prompts are the users' data
+            log.info("LLM request", extra={"model": name, "body": body})
         if kind == "chat":
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
