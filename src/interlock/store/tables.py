@@ -10,8 +10,9 @@ returned as a timezone-aware UTC ``datetime`` (:class:`UTCDateTime`).
 - ``traffic_policies``: a model's traffic policy as JSON (weights, shadow, canary,
   fallback) with a revision that every change bumps.
 - ``traffic_events``: what changed a model's traffic, and why, newest last.
-- ``llm_usage``: one row per LLM gateway call (tokens, cost, cache savings), written
-  in batches by :class:`interlock.llm.usage.UsageRecorder`.
+- ``llm_usage``: LLM gateway calls (tokens, cost, cache savings), one row per second
+  and combination of tenant, model, deployment, kind, status and cache hit, with the
+  number of calls it sums; written in batches by :class:`interlock.llm.usage.UsageRecorder`.
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ llm_usage = sa.Table(
         primary_key=True,
         autoincrement=True,
     ),
-    sa.Column("at", UTCDateTime(), nullable=False),
+    sa.Column("at", UTCDateTime(), nullable=False),  # the second the calls fall in
+    sa.Column("requests", sa.Integer, nullable=False),  # how many calls the row sums
     sa.Column("tenant", sa.String(128), nullable=True),  # NULL: the gateway is open
     sa.Column("model", sa.String(128), nullable=False),
     sa.Column("deployment", sa.String(128), nullable=True),  # NULL: no upstream answered
@@ -167,7 +169,7 @@ llm_usage = sa.Table(
     sa.Column("cost_usd", sa.Double, nullable=False),
     sa.Column("cache_hit", sa.Boolean, nullable=False),
     sa.Column("saved_cost_usd", sa.Double, nullable=False),
-    sa.Column("latency_ms", sa.Double, nullable=False),
+    sa.Column("latency_ms", sa.Double, nullable=False),  # the sum over the calls
     sa.Index("ix_llm_usage_at", "at"),
     sa.Index("ix_llm_usage_tenant_at", "tenant", "at"),
 )

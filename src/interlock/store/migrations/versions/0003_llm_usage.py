@@ -1,4 +1,4 @@
-"""LLM gateway usage: one row per call, indexed by time and by tenant and time.
+"""LLM gateway usage: calls summed per second and dimensions, indexed by time and tenant.
 
 Revision ID: 0003
 Revises: 0002
@@ -28,6 +28,7 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("requests", sa.Integer(), nullable=False),
         sa.Column("tenant", sa.String(128), nullable=True),
         sa.Column("model", sa.String(128), nullable=False),
         sa.Column("deployment", sa.String(128), nullable=True),
