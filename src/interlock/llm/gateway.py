@@ -59,7 +59,6 @@ from interlock.llm.types import Chunk, Provider, Usage
 from interlock.llm.usage import UsageRecord, UsageRecorder
 from interlock.monitoring.llm import LLMMetrics
 from interlock.resilience.breaker import BreakerConfig, BreakerState, CircuitBreaker
-from interlock.resilience.coalesce import SingleFlight
 from interlock.settings import LLMModel, LLMSettings
 
 __all__ = [
@@ -103,6 +102,7 @@ class CallInfo:
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*
     usage: Usage = field(default_factory=Usage)
     reservations: list[Reservation] = field(default_factory=list)  # deployments' limits
+    result: Any = None  # the answer, once there is one
 
     def overhead_ms(self) -> float:
         return max(0.0, (time.perf_counter() - self.started - self.upstream_s) * 1000.0)
@@ -205,7 +205,9 @@ class Gateway:
         retry = settings.retry
         self._retry = retry
         self._budget = RetryBudget(retry.budget_ratio, retry.budget_min_per_s, self._clock)
-        self._flights: SingleFlight[bytes, tuple[dict[str, Any], CallInfo]] = SingleFlight()
+        self._flights: dict[bytes, asyncio.Future[tuple[dict[str, Any], CallInfo]] | None] = {}
+        self._puts: list[tuple[bytes, dict[str, Any], dict[str, Any], _Admission]] = []
+        self._children: dict[tuple[str, str, str, str], _Children] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -289,26 +291,17 @@ class Gateway:
                     status = "ok"
                     return self._answer_from_cache(hit, admission, info)
             if key is None:
-                completion, info2 = await self._complete(body, model, deadline, info)
+                completion, _ = await self._complete(body, model, deadline, info)
             else:
-                leader = False
-
-                async def run() -> tuple[dict[str, Any], CallInfo]:
-                    nonlocal leader
-                    leader = True
-                    return await self._complete(body, model, deadline, info)
-
-                completion, info2 = await self._flights.do(key, run)
-                if not leader:
-                    info.model, info.deployment = info2.model, info2.deployment
-                    info.cache = "coalesced"
-                    info.usage = Usage()  # the leader pays and records the call
-                    self.metrics.cache.labels(model.name, "coalesced").inc()
+                coalesced = await self._coalesced(key, body, model, deadline, info)
+                if coalesced is not None:
+                    completion = coalesced
                     status = "ok"
                     self._settle(admission, info, status, cost=0.0)
                     return ChatResult(completion, info)
+                completion = info.result
                 if control.write:
-                    self._spawn(self._cache_put(key, body, completion, admission))
+                    self._store_later(key, body, completion, admission)
             status = "ok"
             return ChatResult(completion, info)
         except UnavailableError:
@@ -320,6 +313,68 @@ class Gateway:
         finally:
             if info.cache not in ("hit", "semantic", "stale", "coalesced"):
                 self._settle(admission, info, status, cost=None)
+
+    async def _coalesced(
+        self, key: bytes, body: dict[str, Any], model: LLMModel, deadline: float, info: CallInfo
+    ) -> dict[str, Any] | None:
+        """Identical concurrent misses share one upstream call.
+
+        The first request calls inline (no task, and no future unless another joins: the
+        hot path) and leaves its answer in ``info.result``; returns None. A request with the
+        same key arriving meanwhile waits for that answer and returns it (marked
+        ``coalesced``); if the first request is cancelled, it calls on its own.
+        """
+        flights = self._flights
+        if key in flights:
+            waiter = flights[key]
+            if waiter is None:
+                waiter = flights[key] = asyncio.get_running_loop().create_future()
+            try:
+                completion, leader = await asyncio.shield(waiter)
+            except asyncio.CancelledError:
+                if not waiter.cancelled():
+                    raise  # this request itself was cancelled
+            else:
+                info.model, info.deployment = leader.model, leader.deployment
+                info.cache = "coalesced"
+                self.metrics.cache.labels(model.name, "coalesced").inc()
+                return completion
+            info.result, _ = await self._complete(body, model, deadline, info)
+            return None
+        flights[key] = None
+        try:
+            info.result, _ = await self._complete(body, model, deadline, info)
+        except BaseException as exc:
+            waiter = flights.pop(key, None)
+            if waiter is not None:
+                if isinstance(exc, Exception):
+                    waiter.set_exception(exc)
+                    waiter.exception()  # retrieved, whether or not a follower still waits
+                else:
+                    waiter.cancel()
+            raise
+        waiter = flights.pop(key, None)
+        if waiter is not None:
+            waiter.set_result((info.result, info))
+        return None
+
+    def _store_later(
+        self, key: bytes, body: dict[str, Any], completion: dict[str, Any], admission: _Admission
+    ) -> None:
+        """Store behind the answer: one task per loop turn for every answer of that turn."""
+        if not self._puts:
+            asyncio.get_running_loop().call_soon(self._flush_puts)
+        self._puts.append((key, body, completion, admission))
+
+    def _flush_puts(self) -> None:
+        puts, self._puts = self._puts, []
+        self._spawn(self._put_all(puts))
+
+    async def _put_all(
+        self, puts: list[tuple[bytes, dict[str, Any], dict[str, Any], _Admission]]
+    ) -> None:
+        for key, body, completion, admission in puts:
+            await self._cache_put(key, body, completion, admission)
 
     async def stream(
         self,
@@ -436,7 +491,7 @@ class Gateway:
                 info.usage = usage
             self._settle(admission, info, status, cost=None)
             if finished and cache_key is not None and completion is not None:
-                self._spawn(self._cache_put(cache_key, body, completion, admission))
+                self._store_later(cache_key, body, completion, admission)
 
     # -- embeddings ---------------------------------------------------------------------------
 
@@ -762,20 +817,24 @@ class Gateway:
         tenant_name = tenant.name if tenant is not None else ""
         model = admission.model.name
         dep = info.deployment or ""
-        metrics = self.metrics
-        metrics.requests.labels(model, dep, tenant_name, status).inc()
+        children = self._children.get((model, dep, tenant_name, status))
+        if children is None:
+            children = self._children[(model, dep, tenant_name, status)] = _Children(
+                self.metrics, model, dep, tenant_name, status
+            )
+        children.requests.inc()
         if usage.prompt_tokens:
-            metrics.tokens.labels(model, dep, "prompt").inc(usage.prompt_tokens)
+            children.prompt_tokens.inc(usage.prompt_tokens)
         if usage.completion_tokens:
-            metrics.tokens.labels(model, dep, "completion").inc(usage.completion_tokens)
+            children.completion_tokens.inc(usage.completion_tokens)
         if cost:
-            metrics.cost.labels(model, dep, tenant_name).inc(cost)
+            children.cost.inc(cost)
             if tenant is not None:
                 self._spawn(self._ledger.add(tenant.name, cost))
         for reservation in (admission.reservation, *info.reservations):
             if reservation is not None:
                 self._spawn(self._limiter.reconcile(reservation, usage.total_tokens))
-        metrics.overhead.labels(model).observe(info.overhead_ms() / 1000.0)
+        children.overhead.observe(info.overhead_ms() / 1000.0)
         if self._usage is not None:
             self._usage.record(
                 UsageRecord(
@@ -809,6 +868,19 @@ class Gateway:
         log.warning(
             "LLM deployment circuit changed", extra={"deployment": name, "from": old, "to": new}
         )
+
+
+class _Children:
+    """The metric children of one (model, deployment, tenant, status): looked up once."""
+
+    __slots__ = ("completion_tokens", "cost", "overhead", "prompt_tokens", "requests")
+
+    def __init__(self, metrics: LLMMetrics, model: str, dep: str, tenant: str, status: str):
+        self.requests = metrics.requests.labels(model, dep, tenant, status)
+        self.prompt_tokens = metrics.tokens.labels(model, dep, "prompt")
+        self.completion_tokens = metrics.tokens.labels(model, dep, "completion")
+        self.cost = metrics.cost.labels(model, dep, tenant)
+        self.overhead = metrics.overhead.labels(model)
 
 
 class _SkippedError(Exception):

@@ -1,8 +1,8 @@
 """HTTP for the LLM providers: one pooled session per deployment, SSE, and errors.
 
-:class:`UpstreamClient` owns one ``aiohttp.ClientSession`` per deployment, created on
-first use inside the running loop (a ``TCPConnector`` of ``max_connections``, no cookie
-jar, no redirects, no aiohttp timeout: ``asyncio.timeout`` bounds every wait instead).
+:class:`UpstreamClient` owns one keep-alive connection pool per upstream origin
+(:mod:`._wire`, at most ``max_connections``), opened on first use inside the running
+loop; no cookies, no redirects; ``asyncio.timeout`` bounds every wait.
 Bodies go out as bytes that the provider serialised with ``orjson``, under headers
 built once, so a call costs one request object and nothing more.
 
@@ -39,13 +39,13 @@ from collections import deque
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
-from multidict import CIMultiDict
 
 from interlock import __version__
 from interlock.errors import UpstreamError
+from interlock.llm.providers._wire import Pool, Response, WireError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -83,21 +83,29 @@ class UpstreamClient:
         self._max_connections = deployment.max_connections
         self._secret = secret or None
         common = {"User-Agent": f"interlock/{__version__}", "Content-Type": "application/json"}
-        self._json_headers = CIMultiDict({**common, "Accept": "application/json", **headers})
-        self._sse_headers = CIMultiDict({**common, "Accept": "text/event-stream", **headers})
-        self._session: aiohttp.ClientSession | None = None
+        self._json_headers = {**common, "Accept": "application/json", **headers}
+        self._sse_headers = {**common, "Accept": "text/event-stream", **headers}
+        self._pools: dict[str, Pool] = {}
+        self._heads: dict[tuple[str, bool], tuple[Pool, bytes]] = {}
 
-    def _open(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections, keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=DNS_TTL_S
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(),  # asyncio.timeout bounds every wait instead
-            auto_decompress=True,
-        )
-        return self._session
+    def _target(self, url: str, sse: bool) -> tuple[Pool, bytes]:
+        """The pool of ``url``'s origin and the request head, built once per URL."""
+        found = self._heads.get((url, sse))
+        if found is not None:
+            return found
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = self._pools[origin] = Pool(
+                origin, max_connections=self._max_connections, keepalive_s=KEEPALIVE_S
+            )
+        path = parts.path or "/"
+        if parts.query:
+            path = f"{path}?{parts.query}"
+        head = pool.head("POST", path, self._sse_headers if sse else self._json_headers)
+        self._heads[(url, sse)] = (pool, head)
+        return pool, head
 
     async def post_json(self, url: str, payload: bytes, timeout_s: float) -> Any:
         """POST ``payload`` and return the parsed JSON of a 2xx answer.
@@ -105,19 +113,25 @@ class UpstreamClient:
         Raises:
             UpstreamError: any failure (see the module's docstring for the kinds).
         """
-        session = self._session or self._open()
         try:
-            async with (
-                asyncio.timeout(timeout_s),
-                session.post(
-                    url, data=payload, headers=self._json_headers, allow_redirects=False
-                ) as resp,
-            ):
+            pool, head = self._target(url, sse=False)
+        except ValueError as exc:
+            raise self._connection_error(exc) from exc
+        resp: Response | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                resp = await pool.send(head, payload)
                 raw = await resp.read()
         except TimeoutError as exc:
+            if resp is not None:
+                resp.close()
             raise self.error(f"no answer within {timeout_s:g} s", kind="timeout") from exc
-        except (aiohttp.ClientError, OSError) as exc:
+        except (WireError, OSError) as exc:
             raise self._connection_error(exc) from exc
+        except BaseException:
+            if resp is not None:
+                resp.close()
+            raise
         if not 200 <= resp.status < 300:
             raise self.status_error(resp.status, resp.headers, raw)
         try:
@@ -135,25 +149,28 @@ class UpstreamClient:
         Raises:
             UpstreamError: the request failed or the answer was not a 2xx.
         """
-        session = self._session or self._open()
+        try:
+            pool, head = self._target(url, sse=True)
+        except ValueError as exc:
+            raise self._connection_error(exc) from exc
         try:
             async with asyncio.timeout(timeout_s):
-                resp = await session.post(
-                    url, data=payload, headers=self._sse_headers, allow_redirects=False
-                )
+                resp = await pool.send(head, payload)
         except TimeoutError as exc:
             raise self.error(f"no answer within {timeout_s:g} s", kind="timeout") from exc
-        except (aiohttp.ClientError, OSError) as exc:
+        except (WireError, OSError) as exc:
             raise self._connection_error(exc) from exc
         if 200 <= resp.status < 300:
             return SSEStream(self, resp, timeout_s)
         try:
             async with asyncio.timeout(timeout_s):
                 raw = await resp.read()
-        except (TimeoutError, aiohttp.ClientError, OSError):
+        except (TimeoutError, WireError, OSError):
+            resp.close()
             raw = b""
-        finally:
-            resp.release()  # back to the pool if the body was read whole, else closed
+        except BaseException:
+            resp.close()
+            raise
         raise self.status_error(resp.status, resp.headers, raw)
 
     # -- errors ----------------------------------------------------------------------
@@ -196,16 +213,17 @@ class UpstreamClient:
         return self.error(reason, kind="malformed")
 
     def _connection_error(self, exc: BaseException) -> UpstreamError:
-        transient = not isinstance(exc, aiohttp.InvalidURL)
+        transient = not isinstance(exc, ValueError)
         return self.error(
             f"cannot reach the upstream: {_describe(exc)}", kind="connect", transient=transient
         )
 
     async def aclose(self) -> None:
         """Close every connection; a later call would open new ones."""
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        pools, self._pools = self._pools, {}
+        self._heads.clear()
+        for pool in pools.values():
+            await pool.aclose()
 
 
 class SSEStream:
@@ -218,7 +236,7 @@ class SSEStream:
 
     __slots__ = ("_client", "_eof", "_parser", "_pending", "_resp", "_timeout_s")
 
-    def __init__(self, client: UpstreamClient, resp: aiohttp.ClientResponse, timeout_s: float):
+    def __init__(self, client: UpstreamClient, resp: Response, timeout_s: float):
         self._client = client
         self._resp = resp
         self._timeout_s = timeout_s
@@ -239,7 +257,7 @@ class SSEStream:
 
     async def _read(self) -> None:
         """Parse what has arrived, waiting (at most ``timeout_s``) only when nothing has."""
-        content = self._resp.content
+        content = self._resp
         try:
             data = content.read_nowait()
             if not data and not content.at_eof():
@@ -249,7 +267,7 @@ class SSEStream:
             raise self._client.error(
                 f"no stream event within {self._timeout_s:g} s", kind="timeout"
             ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
+        except (WireError, OSError) as exc:
             raise self._client.error(
                 f"the stream broke: {_describe(exc)}", kind="stream_cut"
             ) from exc
@@ -280,16 +298,15 @@ class SSEStream:
         breaks, the connection is closed instead. Nothing is raised.
         """
         resp = self._resp
-        content = resp.content
         left = DRAIN_MAX_BYTES
         try:
             async with asyncio.timeout(DRAIN_TIMEOUT_S):
-                while left > 0 and (data := await content.readany()):
+                while left > 0 and (data := await resp.readany()):
                     left -= len(data)
-        except (TimeoutError, aiohttp.ClientError, OSError):
+        except (TimeoutError, WireError, OSError):
             resp.close()
             return
-        if content.at_eof():
+        if resp.at_eof():
             resp.release()
         else:
             resp.close()
