@@ -498,17 +498,19 @@ def test_an_anthropic_deployment_answers_an_openai_client(
 
 
 def test_metrics_count_requests_tokens_cost_and_cache(serve: Any) -> None:
-    server = serve()
+    server = serve(models=[{"name": "gpt", "deployments": ["d1"]}])
     sdk = client(server.url)
+    misses = 1
     chat(sdk, "count me")
-    chat(sdk, "count me")
+    while chat(sdk, "count me").headers["x-interlock-cache"] != "hit":  # stored behind
+        misses += 1  # the answer: a request right after it may still miss
+        assert misses < 5
     metrics = httpx.get(f"{server.url}/metrics").text
-    assert (
-        'interlock_llm_requests_total{deployment="d1",model="gpt",status="ok",tenant=""} 1.0'
-        in (metrics)
-    )
+    requests = 'interlock_llm_requests_total{deployment="d1",model="gpt",status="ok",tenant=""}'
+    assert f"{requests} {misses}.0" in metrics
     assert 'interlock_llm_cache_total{model="gpt",result="hit"} 1.0' in metrics
-    assert 'interlock_llm_tokens_total{deployment="d1",kind="prompt",model="gpt"} 5.0' in metrics
+    prompt = 'interlock_llm_tokens_total{deployment="d1",kind="prompt",model="gpt"}'
+    assert f"{prompt} {5 * misses}.0" in metrics
     assert "interlock_llm_cost_usd_total" in metrics
     assert "interlock_llm_overhead_seconds_bucket" in metrics
 

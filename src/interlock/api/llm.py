@@ -226,6 +226,8 @@ class LLMApp:
 
         watcher = asyncio.ensure_future(watch())
         ended_well = False
+        ready = stream.ready  # the leading chunks in hand: sent in one write
+        held: list[bytes] = []
         try:
             async for item in stream:
                 if left.is_set():
@@ -238,9 +240,20 @@ class LLMApp:
                             "code": item.kind,
                         }
                     }
-                    await _body(send, b"data: " + orjson.dumps(event) + b"\n\n", more=False)
+                    held.append(b"data: " + orjson.dumps(event) + b"\n\n")
+                    await _body(send, b"".join(held), more=False)
                     return
-                await _body(send, b"data: " + orjson.dumps(item) + b"\n\n", more=True)
+                data = b"data: " + orjson.dumps(item) + b"\n\n"
+                if ready > 1:
+                    ready -= 1
+                    held.append(data)
+                    continue
+                if held:
+                    held.append(data)
+                    data = b"".join(held)
+                    held = []
+                ready = 0
+                await _body(send, data, more=True)
             ended_well = not left.is_set()
         except OSError:
             return  # the client went away mid-send
@@ -248,7 +261,8 @@ class LLMApp:
             watcher.cancel()
             await stream.aclose()
         if ended_well:
-            await _body(send, _DONE, more=False)
+            held.append(_DONE)
+            await _body(send, b"".join(held), more=False)
 
 
 async def _body(send: Send, data: bytes, *, more: bool) -> None:

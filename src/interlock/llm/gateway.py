@@ -134,11 +134,16 @@ class ChatStream:
     """A stream whose first token is in hand: ``info`` is final, iterate for the chunks.
 
     The iteration yields chunk dicts, and a :class:`StreamFailure` last when the
-    upstream broke mid-way. Leaving the iteration early closes the upstream stream.
+    upstream broke mid-way; its first ``ready`` items are already in hand (up to the first
+    token; all of a cached answer's), so a server can send them in one write. Leaving the
+    iteration early closes the upstream stream.
     """
 
-    def __init__(self, info: CallInfo, chunks: AsyncIterator[Chunk | StreamFailure]) -> None:
+    def __init__(
+        self, info: CallInfo, chunks: AsyncIterator[Chunk | StreamFailure], ready: int = 0
+    ) -> None:
         self.info = info
+        self.ready = ready
         self._chunks = chunks
 
     def __aiter__(self) -> AsyncIterator[Chunk | StreamFailure]:
@@ -399,7 +404,7 @@ class Gateway:
                 hit = await self._cache_get(key, body, admission)
                 if hit is not None:
                     result = self._answer_from_cache(hit, admission, info)
-                    return ChatStream(info, _replay(result.completion))
+                    return _replay(info, result.completion)
             try:
                 _, (state, chunks, first) = await self._walk(
                     admission.model, body, deadline, info, self._open_stream
@@ -409,7 +414,7 @@ class Gateway:
                 if stale is None:
                     raise
                 result = self._answer_from_cache(stale, admission, info)
-                return ChatStream(info, _replay(result.completion))
+                return _replay(info, result.completion)
         except BaseException:
             self._settle(admission, info, "error", cost=None)
             raise
@@ -419,6 +424,7 @@ class Gateway:
             self._relay(
                 state, chunks, first, body, admission, info, key if control.write else None
             ),
+            ready=len(first),
         )
 
     async def _open_stream(
@@ -911,9 +917,15 @@ async def _close(chunks: AsyncIterator[Chunk]) -> None:
             await aclose()
 
 
-async def _replay(completion: dict[str, Any]) -> AsyncIterator[Chunk | StreamFailure]:
-    for chunk in completion_to_chunks(completion):
-        yield chunk
+def _replay(info: CallInfo, completion: dict[str, Any]) -> ChatStream:
+    """A cached answer as a stream: every chunk ready at once."""
+    chunks = completion_to_chunks(completion)
+
+    async def iterate() -> AsyncIterator[Chunk | StreamFailure]:
+        for chunk in chunks:
+            yield chunk
+
+    return ChatStream(info, iterate(), ready=len(chunks))
 
 
 def _estimate_usage(body: dict[str, Any], completion: dict[str, Any]) -> Usage:
