@@ -44,6 +44,7 @@ services:
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/traffic.py
+	$(BIN)/python bench/llm_gateway.py
 
 clean:
 	rm -rf $(VENV) .interlock .pytest_cache .mypy_cache .ruff_cache
