@@ -24,6 +24,7 @@ status codes at the edge.
     ├── DeadlineExceededError        the request's deadline passed before it was answered
     ├── TrafficError                 a traffic policy that cannot be applied
     ├── CacheError                   the cache backend failed (callers fail open)
+    ├── BusError                     the event bus failed (unreachable, timed out, refused)
     ├── UpstreamError                an LLM provider failed (status, transient, retry_after_s)
     ├── RateLimitedError             a tenant's or deployment's RPM/TPM is spent: 429
     ├── BudgetExceededError          a tenant's spending budget is spent: 429
@@ -38,6 +39,7 @@ __all__ = [
     "ArtifactIntegrityError",
     "AuthError",
     "BudgetExceededError",
+    "BusError",
     "CacheError",
     "CircuitOpenError",
     "ConfigError",
@@ -224,3 +226,9 @@ class BudgetExceededError(InterlockError):
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class BusError(InterlockError):
+    """The event bus failed: unreachable, timed out, or refused a command. Worth retrying."""
+
+    retryable = True

