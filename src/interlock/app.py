@@ -45,7 +45,14 @@ from interlock.settings import Settings
 from interlock.store.artifacts import ArtifactStore
 from interlock.store.db import Database
 
-__all__ = ["Components", "build_components", "create_app", "open_registry"]
+__all__ = [
+    "Components",
+    "build_components",
+    "create_app",
+    "open_registry",
+    "start_components",
+    "stop_components",
+]
 
 log = logging.getLogger("interlock")
 
@@ -168,6 +175,29 @@ async def _preload(components: Components) -> None:
             log.error("model failed to preload", extra={"model": name, "error": str(exc)})
 
 
+async def start_components(parts: Components) -> None:
+    """Migrate, load every model's default route, start the background work."""
+    await asyncio.to_thread(parts.database.migrate)
+    await _preload(parts)
+    await parts.manager.start()
+    await parts.router.start()
+    if parts.gateway is not None:
+        await parts.gateway.__aenter__()
+
+
+async def stop_components(parts: Components) -> None:
+    """Stop what :func:`start_components` started and release every connection."""
+    if parts.gateway is not None:
+        await parts.gateway.aclose()
+    await parts.router.aclose()
+    await parts.shadow.aclose()
+    await parts.pipeline.aclose()
+    if parts.cache is not None:
+        await parts.cache.aclose()
+    await parts.manager.aclose()
+    await parts.database.aclose()
+
+
 def create_app(settings: Settings, components: Components | None = None) -> ASGIApp:
     """The ASGI app of ``interlock serve``."""
     parts = components or build_components(settings)
@@ -176,25 +206,12 @@ def create_app(settings: Settings, components: Components | None = None) -> ASGI
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        await asyncio.to_thread(parts.database.migrate)
-        await _preload(parts)
-        await parts.manager.start()
-        await parts.router.start()
-        if parts.gateway is not None:
-            await parts.gateway.__aenter__()
+        await start_components(parts)
         log.info("interlock is serving", extra={"version": __version__})
         try:
             yield {"components": parts}
         finally:
-            if parts.gateway is not None:
-                await parts.gateway.aclose()
-            await parts.router.aclose()
-            await parts.shadow.aclose()
-            await parts.pipeline.aclose()
-            if parts.cache is not None:
-                await parts.cache.aclose()
-            await parts.manager.aclose()
-            await parts.database.aclose()
+            await stop_components(parts)
 
     api = FastAPI(
         title="interlock",

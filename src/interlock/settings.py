@@ -65,6 +65,7 @@ from interlock.errors import ConfigError
 __all__ = [
     "AuthSettings",
     "BreakerSettings",
+    "BusSettings",
     "CacheSettings",
     "LLMCacheSettings",
     "LLMDeployment",
@@ -152,6 +153,38 @@ class LogSettings(BaseModel):
 
     level: str = "info"
     json_lines: bool | None = None
+
+
+class BusSettings(BaseModel):
+    """The event bus and the prediction worker (``interlock worker``)."""
+
+    model_config = _FROZEN
+
+    url: str = Field("memory://", description="memory://, redis://, kafka://host:port, nats://")
+    group: str = Field("interlock", min_length=1, description="the workers' consumer group")
+    requests_topic: str = "ai.prediction.requested"
+    completed_topic: str = "ai.prediction.completed"
+    dead_letter_topic: str = "ai.prediction.dead-letter"
+    concurrency: int = Field(1024, ge=1, description="events in flight per worker at most")
+    batch: int = Field(256, ge=1, description="events taken from the bus at once at most")
+    max_attempts: int = Field(4, ge=1, description="tries of a transient failure, then DLQ")
+    retry_base_ms: float = Field(50.0, ge=0, description="backoff before the first retry")
+    dedupe_url: str | None = Field(
+        None,
+        description="redis:// for the idempotency records; default: the bus's Redis, "
+        "else the metadata database",
+    )
+    dedupe_ttl_s: float = Field(86400.0, gt=0, description="how long a requestId is remembered")
+    timeout_ms: float = Field(5000.0, gt=0, description="deadline of one event's prediction")
+    redelivery_s: float = Field(
+        30.0,
+        gt=0,
+        description="how long a dead consumer's unacknowledged messages wait before another "
+        "member takes them (Redis claim idle time, NATS ack wait, Kafka session timeout)",
+    )
+    publish_http: bool = Field(
+        False, description="interlock serve publishes completed events for HTTP predictions"
+    )
 
 
 # -- LLM gateway ------------------------------------------------------------------------
@@ -305,6 +338,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     log: LogSettings = LogSettings()
     llm: LLMSettings = LLMSettings()
+    bus: BusSettings = BusSettings()
 
     @property
     def effective_database_url(self) -> str:
@@ -325,6 +359,9 @@ class Settings(BaseSettings):
         auth["client_keys"] = ["********" for _ in self.auth.client_keys]
         data["llm"]["cache"]["url"] = mask_url(self.llm.cache.url)
         data["llm"]["limits"]["url"] = mask_url(self.llm.limits.url)
+        data["bus"]["url"] = mask_url(self.bus.url)
+        if self.bus.dedupe_url:
+            data["bus"]["dedupe_url"] = mask_url(self.bus.dedupe_url)
         return data
 
 

@@ -15,6 +15,7 @@ import typer
 
 from interlock import __version__
 from interlock.cli import config as config_cmd
+from interlock.cli import events as events_cmd
 from interlock.cli import llm as llm_cmd
 from interlock.cli import models as models_cmd
 from interlock.cli import serve as serve_cmd
@@ -35,7 +36,9 @@ app.add_typer(models_cmd.app, name="models")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(traffic_cmd.app, name="traffic")
 app.add_typer(llm_cmd.app, name="llm")
+app.add_typer(events_cmd.app, name="events")
 app.command("serve")(serve_cmd.serve)
+app.command("worker")(events_cmd.worker)
 app.command("demo")(serve_cmd.demo)
 
 

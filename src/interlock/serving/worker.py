@@ -1,0 +1,344 @@
+"""The event worker: prediction requests from the bus, answers back to it.
+
+It consumes ``ai.prediction.requested`` in a consumer group::
+
+    {"requestId": "r-1", "model": "fraud", "inputs": {…} | [{…}, …],
+     "key": "card-42" (optional route key), "replyTo": "topic" (optional)}
+
+and publishes to ``ai.prediction.completed`` (or ``replyTo``)::
+
+    {"requestId", "model", "version", "result", "latencyMs", "timestamp"}
+
+``result`` is one prediction for an object of inputs, a list for a list. Each request
+goes through the same :class:`~interlock.serving.pipeline.Pipeline` as HTTP: routing,
+cache, breakers, batching, fallbacks.
+
+Rules:
+
+- **Batches.** Events are taken from the bus in batches (at most ``batch``, at most
+  ``concurrency`` in flight). The requests of a batch are predicted concurrently, so the
+  pipeline's batcher predicts them together; their completions are published with one
+  call per topic, their idempotency records stored with one call, and the batch is
+  acknowledged last. A crash before the acknowledgement means redelivery, never loss.
+- **Idempotency.** Before predicting, every requestId of a batch is looked up in the
+  dedupe store: a request answered before (a redelivery, a duplicate publish) is
+  answered again from its record, not predicted again.
+- **Dead letters.** An event that cannot be processed (not JSON, not the shape above,
+  an unknown model, bad features) goes at once to ``ai.prediction.dead-letter`` with its
+  original bytes, the reason and the source topic. A transient failure (the model
+  raised, a timeout, an open circuit, an overloaded queue) is retried with exponential
+  backoff up to ``max_attempts``, then dead-lettered. Nothing is dropped.
+- **Back-pressure.** No more than ``concurrency`` events are in flight; the worker fetches
+  more only when there is room.
+- **Shutdown.** When ``stop`` is set the worker takes nothing more, finishes (and
+  acknowledges) what it holds, and leaves its group; what it could not finish is left
+  unacknowledged and the bus redelivers it to the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from interlock.bus.base import EventBus, Message, Subscription
+from interlock.bus.envelope import dead_letter_payload
+from interlock.errors import (
+    InputError,
+    InterlockError,
+    ModelNotFoundError,
+    TrafficError,
+)
+from interlock.monitoring.events import WorkerMetrics
+from interlock.serving.dedupe import Dedupe
+from interlock.serving.pipeline import Pipeline
+from interlock.settings import BusSettings
+
+__all__ = ["PredictionWorker", "parse_model_ref"]
+
+log = logging.getLogger("interlock.worker")
+
+# Errors that another try cannot fix: the event goes to the dead-letter topic at once.
+_FINAL = (ModelNotFoundError, InputError, TrafficError)
+_LAG_EVERY_S = 5.0
+
+
+class _DeadLetterError(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def parse_model_ref(model: str) -> tuple[str, int | None]:
+    """``name``, ``name@alias`` → (ref, None); ``name:3`` → (``name``, 3)."""
+    name, sep, version = model.rpartition(":")
+    if sep and version.isdigit() and name:
+        return name, int(version)
+    return model, None
+
+
+class PredictionWorker:
+    """Consumes prediction requests in ``settings.group`` as ``consumer``."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        pipeline: Pipeline,
+        dedupe: Dedupe,
+        settings: BusSettings,
+        *,
+        consumer: str,
+        metrics: WorkerMetrics | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._bus = bus
+        self._pipeline = pipeline
+        self._dedupe = dedupe
+        self._settings = settings
+        self._consumer = consumer
+        self.metrics = metrics or WorkerMetrics()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self._in_flight = 0
+        self._room = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.processed = 0  # events acknowledged, for tests and logs
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set, then drain what is in flight and leave the group."""
+        settings = self._settings
+        sub = await self._bus.subscribe(
+            settings.requests_topic, group=settings.group, consumer=self._consumer
+        )
+        lag_task = asyncio.ensure_future(self._watch_lag(sub, stop))
+        log.info(
+            "worker consuming",
+            extra={"topic": settings.requests_topic, "group": settings.group},
+        )
+        try:
+            while not stop.is_set():
+                room = settings.concurrency - self._in_flight
+                if room <= 0:
+                    self._room.clear()
+                    await _first(self._room.wait(), stop.wait())
+                    continue
+                messages = await sub.fetch(min(settings.batch, room), 0.25)
+                if not messages:
+                    continue
+                self._in_flight += len(messages)
+                self.metrics.in_flight.set(self._in_flight)
+                task = asyncio.ensure_future(self._process(sub, messages, stop))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            lag_task.cancel()
+            await sub.aclose()
+            log.info("worker stopped", extra={"processed": self.processed})
+
+    # -- one batch -------------------------------------------------------------------------
+
+    async def _process(self, sub: Subscription, batch: list[Message], stop: asyncio.Event) -> None:
+        started = time.perf_counter()
+        try:
+            done = await self._answer(batch, started, stop)
+            if done:
+                await _until_done(lambda: sub.ack(batch), stop, "acknowledge")
+                self.processed += len(batch)
+        except Exception:
+            log.exception("a batch of events failed; the bus will deliver it again")
+        finally:
+            self._in_flight -= len(batch)
+            self.metrics.in_flight.set(self._in_flight)
+            self._room.set()
+
+    async def _answer(self, batch: list[Message], started: float, stop: asyncio.Event) -> bool:
+        """Publish an answer or a dead letter for every event; False if stopped first."""
+        settings, metrics = self._settings, self.metrics
+        metrics.consumed.inc(len(batch))
+        redelivered = sum(1 for m in batch if m.deliveries > 1)
+        if redelivered:
+            metrics.redelivered.inc(redelivered)
+        dead: list[tuple[Message, str]] = []
+        valid: list[tuple[Message, dict[str, Any]]] = []
+        for message in batch:
+            request, reason = _parse(message.value)
+            if request is None:
+                dead.append((message, reason))
+            else:
+                valid.append((message, request))
+        records = await _until_done(
+            lambda: self._dedupe.get_many([r["requestId"] for _, r in valid]), stop, "look up"
+        )
+        if records is None:
+            return False
+        out: dict[str, list[tuple[bytes | None, bytes]]] = defaultdict(list)
+        todo: list[tuple[Message, dict[str, Any]]] = []
+        for (message, request), record in zip(valid, records, strict=True):
+            if record is not None:
+                out[request.get("replyTo") or settings.completed_topic].append(
+                    (message.key, record)
+                )
+                metrics.completed.labels("recorded").inc()
+            else:
+                todo.append((message, request))
+        results = await asyncio.gather(*(self._predict(request, started) for _, request in todo))
+        fresh: list[tuple[str, bytes]] = []
+        for (message, request), (payload, reason) in zip(todo, results, strict=True):
+            if payload is None:
+                dead.append((message, reason))
+                continue
+            out[request.get("replyTo") or settings.completed_topic].append((message.key, payload))
+            fresh.append((request["requestId"], payload))
+        for topic, items in out.items():
+            if (
+                await _until_done(
+                    lambda t=topic, i=items: self._bus.publish_many(t, i), stop, "publish"
+                )
+                is None
+            ):
+                return False
+        if fresh:
+            metrics.completed.labels("predicted").inc(len(fresh))
+            if await _until_done(lambda: self._dedupe.set_many(fresh), stop, "record") is None:
+                return False
+        if dead:
+            letters = [
+                (m.key, dead_letter_payload(m, reason, settings.requests_topic))
+                for m, reason in dead
+            ]
+            if (
+                await _until_done(
+                    lambda: self._bus.publish_many(settings.dead_letter_topic, letters),
+                    stop,
+                    "dead-letter",
+                )
+                is None
+            ):
+                return False
+            for _, reason in dead:
+                metrics.dead_lettered.labels(_reason_label(reason)).inc()
+        metrics.latency.observe(time.perf_counter() - started)
+        return True
+
+    async def _predict(self, request: dict[str, Any], started: float) -> tuple[bytes | None, str]:
+        """The completion payload, or None and why the event is dead-lettered."""
+        settings = self._settings
+        ref, version = parse_model_ref(request["model"])
+        inputs = request["inputs"]
+        rows = inputs if isinstance(inputs, list) else [inputs]
+        key = request.get("key")
+        route_key = key.encode() if isinstance(key, str) else None
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                answer = await self._pipeline.predict(
+                    ref,
+                    version,
+                    lambda decoder: decoder.rows(rows),
+                    deadline=loop.time() + settings.timeout_ms / 1000.0,
+                    route_key=route_key,
+                    request_id=request["requestId"],
+                )
+            except _FINAL as exc:
+                return None, str(exc)
+            except InterlockError as exc:
+                if attempt >= settings.max_attempts:
+                    return None, f"gave up after {attempt} attempts: {exc}"
+                self.metrics.retries.inc()
+                cap = settings.retry_base_ms * (2 ** (attempt - 1)) / 1000.0
+                await asyncio.sleep(self._rng.uniform(cap / 2, cap))
+                continue
+            result = answer.values if isinstance(inputs, list) else answer.values[0]
+            body: dict[str, Any] = {
+                "requestId": request["requestId"],
+                "model": answer.model,
+                "version": answer.version,
+                "result": result,
+                "latencyMs": round((time.perf_counter() - started) * 1000.0, 3),
+                "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            }
+            if answer.degraded:
+                body["degraded"] = True
+            return orjson.dumps(body), ""
+
+    async def _watch_lag(self, sub: Subscription, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.metrics.lag.set(await sub.lag())
+            except Exception as exc:  # a metric: never worth stopping the worker for
+                log.debug("lag unavailable", extra={"error": type(exc).__name__})
+            await _first(asyncio.sleep(_LAG_EVERY_S), stop.wait())
+
+
+def _parse(value: bytes) -> tuple[dict[str, Any] | None, str]:
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        return None, f"not JSON: {exc}"
+    if type(doc) is not dict:
+        return None, "the event must be a JSON object"
+    request_id = doc.get("requestId")
+    if not isinstance(request_id, str) or not request_id:
+        return None, "requestId: a non-empty string is required"
+    if not isinstance(doc.get("model"), str) or not doc["model"]:
+        return None, "model: a model name is required"
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, dict | list) or (isinstance(inputs, list) and not inputs):
+        return None, "inputs: an object of features, or a non-empty list of them, is required"
+    if isinstance(inputs, list) and not all(type(row) is dict for row in inputs):
+        return None, "inputs: every item of the list must be an object of features"
+    key = doc.get("key")
+    if key is not None and not isinstance(key, str):
+        return None, "key: must be a string"
+    reply = doc.get("replyTo")
+    if reply is not None and (not isinstance(reply, str) or not reply):
+        return None, "replyTo: must be a topic name"
+    return doc, ""
+
+
+def _reason_label(reason: str) -> str:
+    """A bounded label for a dead-letter reason."""
+    if reason.startswith("not JSON"):
+        return "malformed"
+    if reason.startswith("gave up"):
+        return "exhausted"
+    if ":" in reason.split(" ", 1)[0]:
+        return "invalid"
+    return "rejected"
+
+
+async def _first(*waits: Any) -> None:
+    """Until the first of ``waits`` completes; the others are cancelled."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _until_done(call: Any, stop: asyncio.Event, what: str) -> Any:
+    """``await call()`` until it succeeds, backing off; None once ``stop`` is set.
+
+    A bus or store that is down holds the batch (unacknowledged) instead of losing it.
+    """
+    delay = 0.05
+    while True:
+        try:
+            result = await call()
+            return True if result is None else result
+        except InterlockError as exc:
+            if stop.is_set():
+                return None
+            log.warning("worker could not %s; retrying", what, extra={"error": str(exc)})
+            await _first(asyncio.sleep(delay), stop.wait())
+            delay = min(delay * 2, 5.0)
