@@ -26,6 +26,7 @@ from interlock.api.inference import build_inference_router
 from interlock.api.llm import LLMApp
 from interlock.api.predict import ASGIApp, PredictionApp
 from interlock.api.traffic import build_traffic_router
+from interlock.bus import open_bus, redelivery_options
 from interlock.cache import Cache, open_cache
 from interlock.errors import InterlockError
 from interlock.llm.factory import open_gateway
@@ -36,10 +37,11 @@ from interlock.monitoring.metrics import ServingMetrics
 from interlock.registry import Registry
 from interlock.resilience.breaker import BreakerConfig
 from interlock.runtime.loaders import inspect_artifact
+from interlock.serving.announce import Announcer
 from interlock.serving.models import ModelManager
 from interlock.serving.pipeline import Pipeline
 from interlock.serving.policies import PolicyStore
-from interlock.serving.router import TrafficRouter
+from interlock.serving.router import RouterObserver, TrafficRouter
 from interlock.serving.shadow import ShadowRunner
 from interlock.settings import Settings
 from interlock.store.artifacts import ArtifactStore
@@ -73,6 +75,21 @@ class Components:
     cache: Cache | None
     pipeline: Pipeline
     gateway: Gateway | None = None
+    announcer: Announcer | None = None
+
+
+class _Observers:
+    """Canary decisions to the metrics and to the bus."""
+
+    def __init__(self, metrics: ServingMetrics, announcer: Announcer) -> None:
+        self._metrics = metrics
+        self._announcer = announcer
+
+    def canary_changed(
+        self, model: str, version: int, weight: float, action: str, reason: str = ""
+    ) -> None:
+        self._metrics.canary_changed(model, version, weight, action, reason)
+        self._announcer.canary_changed(model, version, weight, action, reason)
 
 
 def _registry(settings: Settings) -> tuple[Database, ArtifactStore, Registry]:
@@ -103,13 +120,21 @@ def build_components(settings: Settings) -> Components:
     metrics = ServingMetrics()
     manager = ModelManager(registry, artifacts, settings.serving, metrics)
     policies = PolicyStore(database, registry, clock)
+    announcer = None
+    observer: RouterObserver = metrics
+    if not settings.bus.url.startswith("memory:"):
+        bus = open_bus(
+            settings.bus.url, **redelivery_options(settings.bus.url, settings.bus.redelivery_s)
+        )
+        announcer = Announcer(bus, completed_topic=settings.bus.completed_topic)
+        observer = _Observers(metrics, announcer)
     router = TrafficRouter(
         policies,
         manager,
         clock,
         registry=registry,
         refresh_s=settings.serving.alias_refresh_s,
-        observer=metrics,
+        observer=observer,
     )
     shadow = ShadowRunner(metrics, clock)
     cache = (
@@ -163,6 +188,7 @@ def build_components(settings: Settings) -> Components:
         cache,
         pipeline,
         gateway,
+        announcer,
     )
 
 
@@ -195,6 +221,8 @@ async def stop_components(parts: Components) -> None:
     if parts.cache is not None:
         await parts.cache.aclose()
     await parts.manager.aclose()
+    if parts.announcer is not None:
+        await parts.announcer.aclose()
     await parts.database.aclose()
 
 
@@ -264,4 +292,9 @@ def create_app(settings: Settings, components: Components | None = None) -> ASGI
         max_body_bytes=settings.server.max_body_bytes,
         default_timeout_ms=settings.serving.default_timeout_ms,
         client_keys=client_keys,
+        announce=(
+            parts.announcer.prediction
+            if parts.announcer is not None and settings.bus.publish_http
+            else None
+        ),
     )

@@ -75,7 +75,9 @@ class PredictionApp:
         max_body_bytes: int,
         default_timeout_ms: float = 1000.0,
         client_keys: tuple[bytes, ...] = (),
+        announce: Callable[[str, str, int, list[Any], float], None] | None = None,
     ) -> None:
+        self._announce = announce  # publishes each answer to the bus (bus.publish_http)
         self._pipeline = pipeline
         self._default_timeout_ms = default_timeout_ms
         self._metrics = metrics
@@ -167,6 +169,8 @@ class PredictionApp:
             response_headers.append((b"www-authenticate", b"Bearer"))
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": payload})
+        if answer is not None and self._announce is not None and status == 200:
+            self._announce(rid, answer.model, answer.version, answer.values, started)
         self._metrics.request_done(
             model_label, version_label, protocol, status, time.perf_counter() - started
         )

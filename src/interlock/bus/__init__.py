@@ -29,9 +29,24 @@ __all__ = [
     "Message",
     "Subscription",
     "open_bus",
+    "redelivery_options",
 ]
 
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+
+
+def redelivery_options(url: str, seconds: float) -> dict[str, Any]:
+    """The options of ``url``'s backend for "a dead consumer's unacknowledged messages go
+    to another member after ``seconds``": Redis's claim idle time, NATS's ack wait,
+    Kafka's session timeout."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in _REDIS_SCHEMES:
+        return {"claim_idle_ms": int(seconds * 1000)}
+    if scheme == "nats":
+        return {"ack_wait_s": seconds}
+    if scheme == "kafka":
+        return {"session_timeout_s": seconds}
+    return {}
 
 
 def open_bus(url: str, **options: Any) -> EventBus:

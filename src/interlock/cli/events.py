@@ -19,6 +19,7 @@ import orjson
 import typer
 
 from interlock._core.logs import configure_logging
+from interlock.bus import redelivery_options
 from interlock.cli._context import settings_from
 from interlock.errors import ConfigError
 from interlock.settings import Settings
@@ -103,16 +104,8 @@ async def _run_worker(settings: Settings, consumer: str, metrics_port: int | Non
 
 
 def bus_options(settings: Settings) -> dict[str, Any]:
-    """The backend's own name for ``bus.redelivery_s``."""
-    scheme = settings.bus.url.split(":", 1)[0]
-    seconds = settings.bus.redelivery_s
-    if scheme in ("redis", "rediss", "unix"):
-        return {"claim_idle_ms": int(seconds * 1000)}
-    if scheme == "nats":
-        return {"ack_wait_s": seconds}
-    if scheme == "kafka":
-        return {"session_timeout_s": seconds}
-    return {}
+    """The backend options the settings ask for."""
+    return redelivery_options(settings.bus.url, settings.bus.redelivery_s)
 
 
 @app.command("publish")

@@ -244,7 +244,9 @@ class ServingMetrics:
         self.shadow_requests.labels(model, str(shadow), "dropped").inc()
 
     # RouterObserver
-    def canary_changed(self, model: str, version: int, weight: float, action: str) -> None:
+    def canary_changed(
+        self, model: str, version: int, weight: float, action: str, reason: str = ""
+    ) -> None:
         self.canary_weight.labels(model, str(version)).set(weight)
         self.canary_actions.labels(model, str(version), action).inc()
 

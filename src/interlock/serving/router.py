@@ -35,7 +35,9 @@ GUARD_WINDOW_S = 60.0
 
 
 class RouterObserver(Protocol):
-    def canary_changed(self, model: str, version: int, weight: float, action: str) -> None: ...
+    def canary_changed(
+        self, model: str, version: int, weight: float, action: str, reason: str = ""
+    ) -> None: ...
 
 
 class TrafficRouter:
@@ -181,7 +183,9 @@ class TrafficRouter:
             extra={"model": policy.model, "version": plan.version, "reason": decision.reason},
         )
         if self._observer is not None:
-            self._observer.canary_changed(policy.model, plan.version, weight, decision.action)
+            self._observer.canary_changed(
+                policy.model, plan.version, weight, decision.action, decision.reason or ""
+            )
 
 
 def _stats(snapshot: WindowSnapshot) -> WindowStats:
