@@ -253,3 +253,37 @@ def test_bad_events_are_dead_lettered_with_reasons(
         assert {letter.source_topic for letter in letters} == {env["INTERLOCK_BUS__REQUESTS_TOPIC"]}
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize("bus_url", ["redis"], indirect=True)  # the shutdown path is the worker's
+def test_sigterm_finishes_what_the_worker_holds(
+    setup: tuple[dict[str, str], Path, str], tmp_path: Path
+) -> None:
+    env, _log, url = setup
+    tag = uuid.uuid4().hex[:6]
+    worker = Worker(env, tmp_path)
+    try:
+        worker.wait_metrics()
+        asyncio.run(
+            _publish(
+                url, env["INTERLOCK_BUS__REQUESTS_TOPIC"], [_request(tag, i) for i in range(500)]
+            )
+        )
+        deadline = time.monotonic() + 60
+        while worker.completed() < 50:
+            assert time.monotonic() < deadline, "the worker did not start working"
+            time.sleep(0.02)
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(timeout=60) == 0  # drained and left the group cleanly
+        successor = Worker(env, tmp_path)
+        try:
+            answers = asyncio.run(
+                _answers(
+                    url, env["INTERLOCK_BUS__COMPLETED_TOPIC"], {f"{tag}-{i}" for i in range(500)}
+                )
+            )
+            assert all(answers[f"{tag}-{i}"]["result"] == (i + 1) * 10 for i in range(500))
+        finally:
+            successor.stop()
+    finally:
+        worker.stop()
