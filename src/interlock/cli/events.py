@@ -82,7 +82,7 @@ async def _run_worker(settings: Settings, consumer: str, metrics_port: int | Non
     dedupe_url = settings.bus.dedupe_url
     if dedupe_url is None and settings.bus.url.split(":", 1)[0] in ("redis", "rediss", "unix"):
         dedupe_url = settings.bus.url
-    dedupe = open_dedupe(dedupe_url, settings.bus.dedupe_ttl_s)
+    dedupe = open_dedupe(dedupe_url, settings.bus.dedupe_ttl_s, database=parts.database)
     metrics = WorkerMetrics(parts.metrics.registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -13,6 +13,8 @@ returned as a timezone-aware UTC ``datetime`` (:class:`UTCDateTime`).
 - ``llm_usage``: LLM gateway calls (tokens, cost, cache savings), one row per second
   and combination of tenant, model, deployment, kind, status and cache hit, with the
   number of calls it sums; written in batches by :class:`interlock.llm.usage.UsageRecorder`.
+- ``event_dedupe``: the event worker's idempotency records, the answer published for a
+  requestId until ``expires_at``; kept by :class:`interlock.serving.dedupe.DatabaseDedupe`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sqlalchemy.engine import Dialect
 
 __all__ = [
     "UTCDateTime",
+    "event_dedupe",
     "llm_usage",
     "metadata",
     "model_aliases",
@@ -172,4 +175,13 @@ llm_usage = sa.Table(
     sa.Column("latency_ms", sa.Double, nullable=False),  # the sum over the calls
     sa.Index("ix_llm_usage_at", "at"),
     sa.Index("ix_llm_usage_tenant_at", "tenant", "at"),
+)
+
+event_dedupe = sa.Table(
+    "event_dedupe",
+    metadata,
+    sa.Column("request_id", sa.String(200), primary_key=True),
+    sa.Column("answer", sa.LargeBinary, nullable=False),  # the completion as published
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_event_dedupe_expires_at", "expires_at"),
 )
