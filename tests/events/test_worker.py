@@ -146,3 +146,13 @@ async def test_a_transient_failure_is_retried_then_dead_lettered(harness: Harnes
     await harness.send({"requestId": "b", "model": "broken", "inputs": {"x": 1}})
     (letter,) = [read_dead_letter(v) for v in await harness.read("ai.prediction.dead-letter", 1)]
     assert "gave up after 2 attempts" in letter.reason
+
+
+async def test_one_bad_event_in_a_batch_costs_only_itself(harness: Harness) -> None:
+    good = [{"requestId": f"g{i}", "model": "m", "inputs": {"x": i + 1}} for i in range(10)]
+    await harness.send(*good[:5], {"requestId": "bad", "model": "m", "inputs": {"y": 1}}, *good[5:])
+    completions = [orjson.loads(v) for v in await harness.read("ai.prediction.completed", 10)]
+    assert sorted(c["requestId"] for c in completions) == sorted(e["requestId"] for e in good)
+    assert all(c["result"] == (int(c["requestId"][1:]) + 1) * 10 for c in completions)
+    (letter,) = [read_dead_letter(v) for v in await harness.read("ai.prediction.dead-letter", 1)]
+    assert b'"bad"' in letter.value

@@ -133,6 +133,11 @@ class Pipeline:
             self._start_shadow(answer, policy.shadow, decode, request_id)
         return answer
 
+    def routes_by_key(self, ref: str) -> bool:
+        """Whether ``ref`` is routed per request (its model has a traffic policy); if not,
+        requests for it may be predicted together, whatever their route keys."""
+        return "@" not in ref and ref in self._router.policies
+
     def breaker(self, model: str, version: int) -> CircuitBreaker:
         key = (model, version)
         breaker = self._breakers.get(key)

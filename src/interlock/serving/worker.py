@@ -16,8 +16,9 @@ cache, breakers, batching, fallbacks.
 Rules:
 
 - **Batches.** Events are taken from the bus in batches (at most ``batch``, at most
-  ``concurrency`` in flight). The requests of a batch are predicted concurrently, so the
-  pipeline's batcher predicts them together; their completions are published with one
+  ``concurrency`` in flight). The requests of a batch for one model are predicted in one
+  pipeline call (their rows concatenated), unless a traffic policy routes each of them;
+  the pipeline's batcher joins concurrent calls too. Their completions are published with one
   call per topic, their idempotency records stored with one call, and the batch is
   acknowledged last. A crash before the acknowledgement means redelivery, never loss.
 - **Idempotency.** Before predicting, every requestId of a batch is looked up in the
@@ -57,7 +58,7 @@ from interlock.errors import (
 )
 from interlock.monitoring.events import WorkerMetrics
 from interlock.serving.dedupe import Dedupe
-from interlock.serving.pipeline import Pipeline
+from interlock.serving.pipeline import Answer, Pipeline
 from interlock.settings import BusSettings
 
 __all__ = ["PredictionWorker", "parse_model_ref"]
@@ -67,6 +68,7 @@ log = logging.getLogger("interlock.worker")
 # Errors that another try cannot fix: the event goes to the dead-letter topic at once.
 _FINAL = (ModelNotFoundError, InputError, TrafficError)
 _LAG_EVERY_S = 5.0
+_GROUP_ROWS = 256  # rows of one pipeline call when requests are predicted together
 
 
 class _DeadLetterError(Exception):
@@ -188,7 +190,7 @@ class PredictionWorker:
                 metrics.completed.labels("recorded").inc()
             else:
                 todo.append((message, request))
-        results = await asyncio.gather(*(self._predict(request, started) for _, request in todo))
+        results = await self._predict_all([request for _, request in todo], started)
         fresh: list[tuple[str, bytes]] = []
         for (message, request), (payload, reason) in zip(todo, results, strict=True):
             if payload is None:
@@ -227,6 +229,105 @@ class PredictionWorker:
         metrics.latency.observe(time.perf_counter() - started)
         return True
 
+    async def _predict_all(
+        self, requests: list[dict[str, Any]], started: float
+    ) -> list[tuple[bytes | None, str]]:
+        """Every request's payload (or why it is dead-lettered), in order.
+
+        Requests for the same model (and version) without a traffic policy are predicted
+        in one pipeline call, their rows concatenated (up to ``_GROUP_ROWS``);
+        a group that fails is split, and each request is tried on its own, so that only
+        the request at fault is dead-lettered.
+        """
+        results: list[tuple[bytes | None, str]] = [(None, "")] * len(requests)
+        groups: dict[tuple[str, int | None], list[int]] = defaultdict(list)
+        alone: list[int] = []
+        for i, request in enumerate(requests):
+            ref, version = parse_model_ref(request["model"])
+            if self._pipeline.routes_by_key(ref):
+                alone.append(i)  # a traffic policy routes each request on its own
+            else:
+                groups[(ref, version)].append(i)
+        jobs: list[Any] = []
+        for (ref, version), members in groups.items():
+            group: list[int] = []
+            rows = 0
+            for i in members:
+                count = len(requests[i]["inputs"]) if isinstance(requests[i]["inputs"], list) else 1
+                if group and rows + count > _GROUP_ROWS:
+                    jobs.append(
+                        self._predict_group(ref, version, group, requests, results, started)
+                    )
+                    group, rows = [], 0
+                group.append(i)
+                rows += count
+            if group:
+                jobs.append(self._predict_group(ref, version, group, requests, results, started))
+
+        async def one(i: int) -> None:
+            results[i] = await self._predict(requests[i], started)
+
+        jobs.extend(one(i) for i in alone)
+        if len(jobs) == 1:
+            await jobs[0]
+        else:
+            await asyncio.gather(*jobs)
+        return results
+
+    async def _predict_group(
+        self,
+        ref: str,
+        version: int | None,
+        members: list[int],
+        requests: list[dict[str, Any]],
+        results: list[tuple[bytes | None, str]],
+        started: float,
+    ) -> None:
+        if len(members) == 1:
+            results[members[0]] = await self._predict(requests[members[0]], started)
+            return
+        rows: list[dict[str, Any]] = []
+        counts: list[int] = []
+        for i in members:
+            inputs = requests[i]["inputs"]
+            part = inputs if isinstance(inputs, list) else [inputs]
+            rows.extend(part)
+            counts.append(len(part))
+        loop = asyncio.get_running_loop()
+        try:
+            answer = await self._pipeline.predict(
+                ref,
+                version,
+                lambda decoder: decoder.rows(rows),
+                deadline=loop.time() + self._settings.timeout_ms / 1000.0,
+            )
+        except InterlockError:
+            # One request's rows may be at fault: each on its own, with its own retries.
+            outcomes = await asyncio.gather(*(self._predict(requests[i], started) for i in members))
+            for i, outcome in zip(members, outcomes, strict=True):
+                results[i] = outcome
+            return
+        at = 0
+        for i, count in zip(members, counts, strict=True):
+            values = answer.values[at : at + count]
+            at += count
+            results[i] = (self._payload(requests[i], answer, values, started), "")
+
+    def _payload(
+        self, request: dict[str, Any], answer: Answer, values: list[Any], started: float
+    ) -> bytes:
+        body: dict[str, Any] = {
+            "requestId": request["requestId"],
+            "model": answer.model,
+            "version": answer.version,
+            "result": values if isinstance(request["inputs"], list) else values[0],
+            "latencyMs": round((time.perf_counter() - started) * 1000.0, 3),
+            "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        }
+        if answer.degraded:
+            body["degraded"] = True
+        return orjson.dumps(body)
+
     async def _predict(self, request: dict[str, Any], started: float) -> tuple[bytes | None, str]:
         """The completion payload, or None and why the event is dead-lettered."""
         settings = self._settings
@@ -257,18 +358,7 @@ class PredictionWorker:
                 cap = settings.retry_base_ms * (2 ** (attempt - 1)) / 1000.0
                 await asyncio.sleep(self._rng.uniform(cap / 2, cap))
                 continue
-            result = answer.values if isinstance(inputs, list) else answer.values[0]
-            body: dict[str, Any] = {
-                "requestId": request["requestId"],
-                "model": answer.model,
-                "version": answer.version,
-                "result": result,
-                "latencyMs": round((time.perf_counter() - started) * 1000.0, 3),
-                "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            }
-            if answer.degraded:
-                body["degraded"] = True
-            return orjson.dumps(body), ""
+            return self._payload(request, answer, answer.values, started), ""
 
     async def _watch_lag(self, sub: Subscription, stop: asyncio.Event) -> None:
         while not stop.is_set():
