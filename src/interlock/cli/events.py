@@ -67,7 +67,12 @@ def worker(
         )
     configure_logging(settings.log.level, settings.log.json_lines)
     name = consumer or f"{socket.gethostname()}-{os.getpid()}"
-    asyncio.run(_run_worker(settings, name, metrics_port))
+    try:
+        import uvloop  # the event loop `interlock serve` runs on too
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        asyncio.run(_run_worker(settings, name, metrics_port))
+    else:
+        uvloop.run(_run_worker(settings, name, metrics_port))
 
 
 async def _run_worker(settings: Settings, consumer: str, metrics_port: int | None) -> None:
