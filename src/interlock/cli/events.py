@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -98,6 +99,10 @@ async def _run_worker(settings: Settings, consumer: str, metrics_port: int | Non
 
         start_http_server(metrics_port, addr=settings.server.host, registry=metrics.registry)
     await start_components(parts)
+    # Everything loaded so far lives as long as the process: keep it out of the
+    # collector's full passes, which otherwise stalled the loop for 150-200 ms.
+    gc.collect()
+    gc.freeze()
     try:
         async with bus:
             await PredictionWorker(
