@@ -45,6 +45,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/traffic.py
 	$(BIN)/python bench/llm_gateway.py
+	$(BIN)/python bench/events.py
 
 clean:
 	rm -rf $(VENV) .interlock .pytest_cache .mypy_cache .ruff_cache
