@@ -198,18 +198,18 @@ class PredictionWorker:
                 continue
             out[request.get("replyTo") or settings.completed_topic].append((message.key, payload))
             fresh.append((request["requestId"], payload))
-        for topic, items in out.items():
-            if (
-                await _until_done(
-                    lambda t=topic, i=items: self._bus.publish_many(t, i), stop, "publish"
-                )
-                is None
-            ):
-                return False
+        # The answers and their records go out together: a record stored before its
+        # answer is published only means a redelivery is answered from the record.
+        steps = [
+            _until_done(lambda t=topic, i=items: self._bus.publish_many(t, i), stop, "publish")
+            for topic, items in out.items()
+        ]
+        if fresh:
+            steps.append(_until_done(lambda: self._dedupe.set_many(fresh), stop, "record"))
+        if steps and any(done is None for done in await asyncio.gather(*steps)):
+            return False
         if fresh:
             metrics.completed.labels("predicted").inc(len(fresh))
-            if await _until_done(lambda: self._dedupe.set_many(fresh), stop, "record") is None:
-                return False
         if dead:
             letters = [
                 (m.key, dead_letter_payload(m, reason, settings.requests_topic))
