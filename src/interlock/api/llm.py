@@ -35,13 +35,20 @@ import orjson
 from interlock._core.ids import new_request_id
 from interlock._core.logs import request_id_var
 from interlock.api.errors import status_for
-from interlock.api.predict import ASGIApp, Receive, Scope, Send
+from interlock.api.predict import (
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    offered_key,
+    read_body,
+    request_timeout_s,
+)
 from interlock.errors import (
     AuthError,
     BudgetExceededError,
     InterlockError,
     MalformedInputError,
-    PayloadTooLargeError,
     RateLimitedError,
     UpstreamError,
 )
@@ -130,7 +137,7 @@ class LLMApp:
         control = CacheControl.from_headers(
             _text(headers.get(b"cache-control")), _text(headers.get(b"x-interlock-cache"))
         )
-        timeout_s = _timeout(headers)
+        timeout_s = request_timeout_s(headers)
         if body.get("stream") is True:
             stream = await self._gateway.stream(
                 body, tenant=tenant, control=control, timeout_s=timeout_s
@@ -145,7 +152,9 @@ class LLMApp:
     ) -> None:
         tenant = self._tenant(headers)
         body = await self._json_body(receive, headers)
-        result = await self._gateway.embeddings(body, tenant=tenant, timeout_s=_timeout(headers))
+        result = await self._gateway.embeddings(
+            body, tenant=tenant, timeout_s=request_timeout_s(headers)
+        )
         await _respond(send, 200, orjson.dumps(result.completion), _info_headers(result.info, rid))
 
     async def _usage_route(
@@ -186,25 +195,9 @@ class LLMApp:
         return self._gateway.tenant_for_key(_bearer(headers))
 
     async def _json_body(self, receive: Receive, headers: dict[bytes, bytes]) -> dict[str, Any]:
-        limit = self._max_body
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLargeError(f"the body is over the {limit}-byte limit")
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise MalformedInputError("the client went away before sending its body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLargeError(f"the body is over the {limit}-byte limit")
-            chunks.append(chunk)
-            more = message.get("more_body", False)
+        raw = await read_body(receive, headers, self._max_body)
         try:
-            body = orjson.loads(b"".join(chunks))
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise MalformedInputError(f"the body is not valid JSON: {exc}") from None
         if type(body) is not dict:
@@ -343,28 +336,12 @@ async def _send_error(send: Send, exc: InterlockError, rid: str) -> None:
 
 
 def _bearer(headers: dict[bytes, bytes]) -> str | None:
-    auth = headers.get(b"authorization")
-    if auth is not None and auth[:7].lower() == b"bearer ":
-        return auth[7:].strip().decode("latin-1")
-    key = headers.get(b"x-api-key") or headers.get(b"api-key")
+    key = offered_key(headers) or headers.get(b"api-key")  # api-key: Azure OpenAI's SDKs
     return key.decode("latin-1") if key else None
 
 
 def _text(raw: bytes | None) -> str | None:
     return raw.decode("latin-1") if raw is not None else None
-
-
-def _timeout(headers: dict[bytes, bytes]) -> float | None:
-    raw = headers.get(b"x-request-timeout-ms")
-    if raw is None:
-        return None
-    try:
-        ms = float(raw)
-    except ValueError:
-        ms = math.nan
-    if not (ms > 0 and math.isfinite(ms)):
-        raise MalformedInputError("x-request-timeout-ms must be a positive number")
-    return ms / 1000.0
 
 
 def _parse_time(name: str, value: str) -> datetime:

@@ -33,7 +33,7 @@ from interlock.errors import (
 from interlock.monitoring.metrics import ServingMetrics
 from interlock.serving.pipeline import Answer, Pipeline
 
-__all__ = ["PredictionApp", "check_key"]
+__all__ = ["PredictionApp", "check_key", "offered_key", "read_body", "request_timeout_s"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -48,15 +48,58 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _JSON = (b"content-type", b"application/json")
 
 
-def check_key(headers: dict[bytes, bytes], keys: tuple[bytes, ...]) -> None:
-    """Raise AuthError unless ``Authorization: Bearer K`` or ``x-api-key: K`` holds a key."""
-    if not keys:
-        return
+def offered_key(headers: dict[bytes, bytes]) -> bytes | None:
+    """The key a client sent: ``x-api-key: K``, else ``Authorization: Bearer K``."""
     offered = headers.get(b"x-api-key")
     if offered is None:
         auth = headers.get(b"authorization", b"")
         if auth[:7].lower() == b"bearer ":
             offered = auth[7:].strip()
+    return offered
+
+
+def request_timeout_s(headers: dict[bytes, bytes]) -> float | None:
+    """``x-request-timeout-ms`` in seconds; None without it; MalformedInputError if bad."""
+    raw = headers.get(b"x-request-timeout-ms")
+    if raw is None:
+        return None
+    try:
+        timeout_ms = float(raw)
+    except ValueError:
+        timeout_ms = math.nan
+    if not (timeout_ms > 0 and math.isfinite(timeout_ms)):
+        raise MalformedInputError("x-request-timeout-ms must be a positive number")
+    return timeout_ms / 1000.0
+
+
+async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
+    """The request body, refused (PayloadTooLargeError) as soon as it passes ``limit``."""
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"the body is over the {limit}-byte limit")
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"the body is over the {limit}-byte limit")
+        return body
+    chunks = [body]
+    size = len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"the body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def check_key(headers: dict[bytes, bytes], keys: tuple[bytes, ...]) -> None:
+    """Raise AuthError unless ``Authorization: Bearer K`` or ``x-api-key: K`` holds a key."""
+    if not keys:
+        return
+    offered = offered_key(headers)
     if offered is None:
         raise AuthError("a key is required: send 'Authorization: Bearer <key>'")
     if not any(hmac.compare_digest(offered, key) for key in keys):
@@ -120,7 +163,7 @@ class PredictionApp:
         try:
             check_key(headers, self._keys)
             deadline = self._deadline(headers)
-            body = await self._read_body(receive, headers)
+            body = await read_body(receive, headers, self._max_body)
             version = None
             if version_text is not None:
                 if not version_text.isdigit():
@@ -176,38 +219,10 @@ class PredictionApp:
         )
 
     def _deadline(self, headers: dict[bytes, bytes]) -> float:
-        raw = headers.get(b"x-request-timeout-ms")
-        timeout_ms = self._default_timeout_ms
-        if raw is not None:
-            try:
-                timeout_ms = float(raw)
-            except ValueError:
-                timeout_ms = math.nan
-            if not (timeout_ms > 0 and math.isfinite(timeout_ms)):
-                raise MalformedInputError("x-request-timeout-ms must be a positive number")
-        return asyncio.get_running_loop().time() + timeout_ms / 1000.0
-
-    async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
-        limit = self._max_body
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLargeError(f"the body is over the {limit}-byte limit")
-        message = await receive()
-        body: bytes = message.get("body", b"")
-        if not message.get("more_body", False):
-            if len(body) > limit:
-                raise PayloadTooLargeError(f"the body is over the {limit}-byte limit")
-            return body
-        chunks = [body]
-        size = len(body)
-        while message.get("more_body", False):
-            message = await receive()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLargeError(f"the body is over the {limit}-byte limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        timeout_s = request_timeout_s(headers)
+        if timeout_s is None:
+            timeout_s = self._default_timeout_ms / 1000.0
+        return asyncio.get_running_loop().time() + timeout_s
 
     async def _v1(
         self,

@@ -25,7 +25,7 @@ from interlock.cli._context import settings_from
 from interlock.errors import ConfigError
 from interlock.settings import Settings
 
-__all__ = ["app", "bus_options", "publish", "tail", "worker"]
+__all__ = ["app", "publish", "tail", "worker"]
 
 app = typer.Typer(help="Publish to and read from the event bus.", no_args_is_help=True)
 
@@ -84,7 +84,9 @@ async def _run_worker(settings: Settings, consumer: str, metrics_port: int | Non
     from interlock.serving.worker import PredictionWorker
 
     parts = build_components(settings)
-    bus = open_bus(settings.bus.url, **bus_options(settings))
+    bus = open_bus(
+        settings.bus.url, **redelivery_options(settings.bus.url, settings.bus.redelivery_s)
+    )
     dedupe_url = settings.bus.dedupe_url
     if dedupe_url is None and settings.bus.url.split(":", 1)[0] in ("redis", "rediss", "unix"):
         dedupe_url = settings.bus.url
@@ -111,11 +113,6 @@ async def _run_worker(settings: Settings, consumer: str, metrics_port: int | Non
     finally:
         await dedupe.aclose()
         await stop_components(parts)
-
-
-def bus_options(settings: Settings) -> dict[str, Any]:
-    """The backend options the settings ask for."""
-    return redelivery_options(settings.bus.url, settings.bus.redelivery_s)
 
 
 @app.command("publish")
