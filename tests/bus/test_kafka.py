@@ -10,15 +10,18 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import TopicPartition
 
-from interlock.bus import EventBus, Subscription, open_bus
-from interlock.bus.kafka import KafkaBus, KafkaSubscription, bootstrap_servers
+from interlock.bus import EventBus, Message, Subscription, bus_options, open_bus
+from interlock.bus.kafka import STICKY_RUN, KafkaBus, KafkaSubscription, bootstrap_servers
 from interlock.errors import ConfigError
+from interlock.settings import BusSettings
 from tests.bus.contract import BusBackend, BusContract, drain, eventually, unique_name
 
 # Short group timings so that joins, rebalances and crash detection take about a second.
@@ -258,9 +261,9 @@ _CRASHING_MEMBER = textwrap.dedent(
     from interlock.bus.kafka import KafkaBus
 
     async def main():
-        url, topic, group = sys.argv[1:4]
+        url, topic, group, interval = sys.argv[1:5]
         bus = KafkaBus(url, session_timeout_s=2.0, heartbeat_interval_s=0.1,
-                       rebalance_timeout_s=1.0)
+                       rebalance_timeout_s=1.0, commit_interval_s=float(interval))
         sub = await bus.subscribe(topic, group=group, consumer="doomed")
         got = []
         while len(got) < 10:
@@ -281,13 +284,25 @@ async def test_a_killed_members_messages_go_to_the_others_after_its_session(
     topic, group = _topic(), unique_name("g-")
     await bus.publish_many(topic, [(b"k", b"%d" % i) for i in range(10)])
 
+    await _crash_after_acking_three(kafka_url, topic, group, commit_interval_s=0.0)
+
+    survivor = await bus.subscribe(topic, group=group, consumer="survivor")
+    got = await drain(survivor, 7, ack=True, timeout_s=SETTLE_TIMEOUT_S)
+    assert [m.value for m in got] == [b"%d" % i for i in range(3, 10)]
+
+
+async def _crash_after_acking_three(
+    url: str, topic: str, group: str, *, commit_interval_s: float
+) -> None:
+    """A member in a process of its own fetches 10 messages, acks 3 and is SIGKILLed."""
     doomed = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         _CRASHING_MEMBER,
-        kafka_url,
+        url,
         topic,
         group,
+        str(commit_interval_s),
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
@@ -295,9 +310,127 @@ async def test_a_killed_members_messages_go_to_the_others_after_its_session(
     assert doomed.returncode == -signal.SIGKILL
     assert out.strip() == b"10"
 
+
+# -- commits within an interval ----------------------------------------------------------
+
+
+async def _committed(url: str, group: str, topic: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(url))
+    await admin.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        offsets = await admin.list_consumer_group_offsets(group, partitions=[tp])
+    finally:
+        await admin.close()
+    return offsets[tp].offset if tp in offsets else -1
+
+
+async def test_with_a_commit_interval_acks_are_committed_in_the_background(
+    make_kafka: Callable[..., Awaitable[KafkaBus]], kafka_url: str
+) -> None:
+    bus = await make_kafka(partitions=1, commit_interval_s=0.1)
+    topic, group = _topic(), unique_name("g-")
+    await bus.publish_many(topic, [(b"k", b"%d" % i) for i in range(5)])
+    sub = await bus.subscribe(topic, group=group, consumer="c1")
+    got = await drain(sub, 5)
+    await sub.ack(got[:2])
+    await sub.ack(got[2:])
+
+    # Both acks end up in the group's offsets without anything else asking for it.
+    await eventually(lambda: _committed(kafka_url, group, topic), lambda o: o == 5,
+                     what="the background commit")  # fmt: skip
+
+
+async def test_lag_and_close_commit_what_the_interval_holds_back(
+    make_kafka: Callable[..., Awaitable[KafkaBus]],
+) -> None:
+    bus = await make_kafka(partitions=1, commit_interval_s=3600.0)
+    topic, group = _topic(), unique_name("g-")
+    await bus.publish_many(topic, [(b"k", b"%d" % i) for i in range(6)])
+    sub = await bus.subscribe(topic, group=group, consumer="c1")
+    got = await drain(sub, 6)
+    await sub.ack(got[:3])
+    assert await sub.lag() == 3  # the group's figure: the acks are committed first
+    await sub.ack(got[3:])
+    await sub.aclose()  # commits too: the next member has nothing left
+
+    again = await bus.subscribe(topic, group=group, consumer="c2")
+    assert await again.fetch(10, 0.5) == []
+    assert await again.lag() == 0
+
+
+async def test_a_crash_within_the_interval_hands_acked_messages_over_again(
+    make_kafka: Callable[..., Awaitable[KafkaBus]], kafka_url: str
+) -> None:
+    # The documented price of the interval: at least once, never lost.
+    bus = await make_kafka(partitions=1)
+    topic, group = _topic(), unique_name("g-")
+    await bus.publish_many(topic, [(b"k", b"%d" % i) for i in range(10)])
+
+    await _crash_after_acking_three(kafka_url, topic, group, commit_interval_s=3600.0)
+
     survivor = await bus.subscribe(topic, group=group, consumer="survivor")
-    got = await drain(survivor, 7, ack=True, timeout_s=SETTLE_TIMEOUT_S)
-    assert [m.value for m in got] == [b"%d" % i for i in range(3, 10)]
+    got = await drain(survivor, 10, ack=True, timeout_s=SETTLE_TIMEOUT_S)
+    assert [m.value for m in got] == [b"%d" % i for i in range(10)]
+
+
+def test_the_worker_settings_reach_the_kafka_bus() -> None:
+    settings = BusSettings(
+        url="kafka://127.0.0.1:9092",
+        redelivery_s=12,
+        kafka_fetch_wait_ms=7,
+        kafka_commit_interval_ms=250,
+    )
+    options = bus_options(settings)
+    assert options == {
+        "session_timeout_s": 12,
+        "fetch_max_wait_ms": 7,
+        "commit_interval_s": 0.25,
+    }
+    bus = KafkaBus(settings.url, **options)
+    assert bus.commit_interval_s == 0.25
+    # The other backends take only their own redelivery option.
+    assert bus_options(BusSettings(url="redis://h:6379/0", redelivery_s=12)) == {
+        "claim_idle_ms": 12000
+    }
+    assert bus_options(BusSettings(url="nats://h:4222", redelivery_s=12)) == {"ack_wait_s": 12}
+
+
+# -- keyless records: one partition per run ----------------------------------------------
+
+
+def _partition_of(message: Message) -> int:
+    return int(message.id.partition(":")[0])
+
+
+async def test_keyless_records_go_to_one_partition_per_run_and_keyed_ones_by_key(
+    make_kafka: Callable[..., Awaitable[KafkaBus]],
+) -> None:
+    bus = await make_kafka(partitions=4)
+    topic, group = _topic(), unique_name("g-")
+    sub = await bus.subscribe(topic, group=group, consumer="c1")
+    await settle([sub])
+
+    # A call of fewer than a run's records: one partition, one batch on the broker.
+    await bus.publish_many(topic, [(None, b"a%d" % i) for i in range(10)])
+    small = await drain(sub, 10, ack=True)
+    assert len({_partition_of(m) for m in small}) == 1
+
+    # A longer call moves on after every run, to each partition in turn.
+    count = 3 * STICKY_RUN + 10
+    await bus.publish_many(topic, [(None, b"%d" % i) for i in range(count)])
+    big = await drain(sub, count, ack=True, max_messages=1000)
+    assert sorted(Counter(map(_partition_of, big)).values()) == [10] + [STICKY_RUN] * 3
+    for number in {_partition_of(m) for m in big}:
+        values = sorted(int(m.value) for m in big if _partition_of(m) == number)
+        assert values == list(range(values[0], values[0] + len(values)))  # one run each
+
+    # A key keeps its own partition whatever the runs around it do.
+    mixed = [(b"card-7", b"k%d" % i) if i % 2 else (None, b"n%d" % i) for i in range(20)]
+    await bus.publish_many(topic, mixed)
+    await bus.publish(topic, b"lone", key=b"card-7")
+    got = await drain(sub, 21, ack=True)
+    assert len({_partition_of(m) for m in got if m.key == b"card-7"}) == 1
 
 
 # -- lag ---------------------------------------------------------------------------------

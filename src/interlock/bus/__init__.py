@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from interlock.bus.base import EventBus, Message, Subscription
 from interlock.bus.memory import MemoryBroker, MemoryBus
 from interlock.errors import BusError, ConfigError
-from interlock.settings import mask_url
+from interlock.settings import BusSettings, mask_url
 
 __all__ = [
     "BusError",
@@ -28,24 +28,32 @@ __all__ = [
     "MemoryBus",
     "Message",
     "Subscription",
+    "bus_options",
     "open_bus",
-    "redelivery_options",
 ]
 
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 
 
-def redelivery_options(url: str, seconds: float) -> dict[str, Any]:
-    """The options of ``url``'s backend for "a dead consumer's unacknowledged messages go
-    to another member after ``seconds``": Redis's claim idle time, NATS's ack wait,
-    Kafka's session timeout."""
-    scheme = urlsplit(url).scheme.lower()
+def bus_options(settings: BusSettings) -> dict[str, Any]:
+    """:func:`open_bus` options from ``[bus]`` for its URL's backend.
+
+    ``redelivery_s`` ("a dead consumer's unacknowledged messages go to another member
+    after this long") is Redis's claim idle time, NATS's ack wait and Kafka's session
+    timeout; the ``kafka_*`` settings go to Kafka alone.
+    """
+    seconds = settings.redelivery_s
+    scheme = urlsplit(settings.url).scheme.lower()
     if scheme in _REDIS_SCHEMES:
         return {"claim_idle_ms": int(seconds * 1000)}
     if scheme == "nats":
         return {"ack_wait_s": seconds}
     if scheme == "kafka":
-        return {"session_timeout_s": seconds}
+        return {
+            "session_timeout_s": seconds,
+            "fetch_max_wait_ms": settings.kafka_fetch_wait_ms,
+            "commit_interval_s": settings.kafka_commit_interval_ms / 1000.0,
+        }
     return {}
 
 

@@ -20,7 +20,7 @@ import orjson
 import typer
 
 from interlock._core.logs import configure_logging
-from interlock.bus import redelivery_options
+from interlock.bus import bus_options
 from interlock.cli._context import settings_from
 from interlock.errors import ConfigError
 from interlock.settings import Settings
@@ -84,9 +84,7 @@ async def _run_worker(settings: Settings, consumer: str, metrics_port: int | Non
     from interlock.serving.worker import PredictionWorker
 
     parts = build_components(settings)
-    bus = open_bus(
-        settings.bus.url, **redelivery_options(settings.bus.url, settings.bus.redelivery_s)
-    )
+    bus = open_bus(settings.bus.url, **bus_options(settings.bus))
     dedupe_url = settings.bus.dedupe_url
     if dedupe_url is None and settings.bus.url.split(":", 1)[0] in ("redis", "rediss", "unix"):
         dedupe_url = settings.bus.url
@@ -142,7 +140,7 @@ def publish(
 async def _publish(settings: Settings, topic: str, key: str | None, values: list[bytes]) -> None:
     from interlock.bus import open_bus
 
-    async with open_bus(settings.bus.url) as bus:
+    async with open_bus(settings.bus.url, **bus_options(settings.bus)) as bus:
         await bus.publish_many(topic, [(key.encode() if key else None, v) for v in values])
 
 
@@ -173,7 +171,7 @@ async def _tail(
 
     seen = 0
     idle = 0.0
-    async with open_bus(settings.bus.url) as bus:
+    async with open_bus(settings.bus.url, **bus_options(settings.bus)) as bus:
         sub = await bus.subscribe(topic, group=group, consumer="tail")
         try:
             while count is None or seen < count:
