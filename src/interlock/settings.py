@@ -115,6 +115,12 @@ class ServingSettings(BaseModel):
         1000.0, gt=0, description="deadline of a request without x-request-timeout-ms"
     )
     alias_refresh_s: float = Field(1.0, gt=0, description="how often aliases are re-read")
+    gil_switch_interval_ms: float = Field(
+        1.0,
+        gt=0,
+        description="how long a thread keeps the GIL while another waits for it "
+        "(sys.setswitchinterval) in interlock serve and worker; CPython's default is 5",
+    )
 
 
 class CacheSettings(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import typer
 
 from interlock.settings import Settings, load_settings
 
-__all__ = ["CliState", "settings_from"]
+__all__ = ["CliState", "settings_from", "share_the_gil"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,3 +24,14 @@ def settings_from(ctx: typer.Context, **overrides: Any) -> Settings:
     state = ctx.find_root().obj
     config = state.config if isinstance(state, CliState) else None
     return load_settings(config, **overrides)
+
+
+def share_the_gil(settings: Settings) -> None:
+    """How long a thread may keep the GIL while another waits for it, for this process.
+
+    The event loop and the model threads take turns: with CPython's 5 ms, a model thread
+    back from a prediction waited up to 5 ms for the loop to let go (and the loop for it),
+    on every batch. At 1 ms, ``bench/events.py`` on Kafka went from 16,033 to 19,778
+    events/s and p99 at half load from 70.8 to 32.1 ms.
+    """
+    sys.setswitchinterval(settings.serving.gil_switch_interval_ms / 1000.0)

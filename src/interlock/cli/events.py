@@ -21,7 +21,7 @@ import typer
 
 from interlock._core.logs import configure_logging
 from interlock.bus import bus_options
-from interlock.cli._context import settings_from
+from interlock.cli._context import settings_from, share_the_gil
 from interlock.errors import ConfigError
 from interlock.settings import Settings
 
@@ -103,6 +103,7 @@ async def _run_worker(settings: Settings, consumer: str, metrics_port: int | Non
     # collector's full passes, which otherwise stalled the loop for 150-200 ms.
     gc.collect()
     gc.freeze()
+    share_the_gil(settings)
     try:
         async with bus:
             await PredictionWorker(

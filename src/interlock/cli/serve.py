@@ -12,7 +12,7 @@ import uvicorn
 
 from interlock._core.logs import configure_logging
 from interlock.app import create_app, open_registry
-from interlock.cli._context import settings_from
+from interlock.cli._context import settings_from, share_the_gil
 from interlock.errors import ModelNotFoundError
 from interlock.settings import Settings
 
@@ -30,6 +30,7 @@ def _server_overrides(host: str | None, port: int | None) -> dict[str, Any]:
 def run_server(settings: Settings) -> None:
     """Serve until interrupted: uvloop and httptools, the app's own logs."""
     configure_logging(settings.log.level, settings.log.json_lines)
+    share_the_gil(settings)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.server.host,
