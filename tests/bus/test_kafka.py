@@ -277,18 +277,29 @@ _CRASHING_MEMBER = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize(
+    ("commit_interval_s", "handed_over"),
+    [
+        (0.0, range(3, 10)),  # every ack committed at once: the 3 acked stay done
+        (3600.0, range(10)),  # the interval's price: at least once, never lost
+    ],
+    ids=["commit-per-ack", "commit-interval"],
+)
 async def test_a_killed_members_messages_go_to_the_others_after_its_session(
-    make_kafka: Callable[..., Awaitable[KafkaBus]], kafka_url: str
+    make_kafka: Callable[..., Awaitable[KafkaBus]],
+    kafka_url: str,
+    commit_interval_s: float,
+    handed_over: range,
 ) -> None:
     bus = await make_kafka(partitions=1)
     topic, group = _topic(), unique_name("g-")
     await bus.publish_many(topic, [(b"k", b"%d" % i) for i in range(10)])
 
-    await _crash_after_acking_three(kafka_url, topic, group, commit_interval_s=0.0)
+    await _crash_after_acking_three(kafka_url, topic, group, commit_interval_s=commit_interval_s)
 
     survivor = await bus.subscribe(topic, group=group, consumer="survivor")
-    got = await drain(survivor, 7, ack=True, timeout_s=SETTLE_TIMEOUT_S)
-    assert [m.value for m in got] == [b"%d" % i for i in range(3, 10)]
+    got = await drain(survivor, len(handed_over), ack=True, timeout_s=SETTLE_TIMEOUT_S)
+    assert [m.value for m in got] == [b"%d" % i for i in handed_over]
 
 
 async def _crash_after_acking_three(
@@ -357,21 +368,6 @@ async def test_lag_and_close_commit_what_the_interval_holds_back(
     again = await bus.subscribe(topic, group=group, consumer="c2")
     assert await again.fetch(10, 0.5) == []
     assert await again.lag() == 0
-
-
-async def test_a_crash_within_the_interval_hands_acked_messages_over_again(
-    make_kafka: Callable[..., Awaitable[KafkaBus]], kafka_url: str
-) -> None:
-    # The documented price of the interval: at least once, never lost.
-    bus = await make_kafka(partitions=1)
-    topic, group = _topic(), unique_name("g-")
-    await bus.publish_many(topic, [(b"k", b"%d" % i) for i in range(10)])
-
-    await _crash_after_acking_three(kafka_url, topic, group, commit_interval_s=3600.0)
-
-    survivor = await bus.subscribe(topic, group=group, consumer="survivor")
-    got = await drain(survivor, 10, ack=True, timeout_s=SETTLE_TIMEOUT_S)
-    assert [m.value for m in got] == [b"%d" % i for i in range(10)]
 
 
 def test_the_worker_settings_reach_the_kafka_bus() -> None:

@@ -73,7 +73,7 @@ import logging
 import random
 import re
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Literal, Self, TypeAlias
 from urllib.parse import urlsplit
@@ -88,6 +88,7 @@ from aiokafka.errors import (
     for_code,
 )
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.protocol.group import LeaveGroupRequest
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
@@ -315,21 +316,12 @@ class KafkaBus:
         producer, _ = await self._clients()
         try:
             async with asyncio.timeout(self.timeout_s):
-                sent = []
-                for partition, records in (
-                    await self._by_partition(producer, topic, items)
-                ).items():
-                    batch = producer.create_batch()
-                    for key, value in records:
-                        if batch.append(timestamp=None, key=key, value=value) is None:
-                            sent.append(
-                                await producer.send_batch(batch, topic, partition=partition)
-                            )
-                            batch = producer.create_batch()
-                            batch.append(
-                                timestamp=None, key=key, value=value
-                            )  # an empty one takes any
-                    sent.append(await producer.send_batch(batch, topic, partition=partition))
+                groups = await self._by_partition(producer, topic, items)
+                sent = [
+                    await producer.send_batch(batch, topic, partition=partition)
+                    for partition, records in groups.items()
+                    for batch in _batches(producer, records)
+                ]
                 await asyncio.gather(*sent)
         except (KafkaError, OSError) as exc:
             raise BusError(f"cannot publish to the Kafka topic {topic!r}: {exc}") from exc
@@ -640,6 +632,19 @@ class KafkaSubscription:
             logger.info(
                 "kafka group %s: LeaveGroup failed (%s); the session will expire", self.group, exc
             )
+
+
+def _batches(
+    producer: AIOKafkaProducer, records: list[tuple[bytes | None, bytes]]
+) -> Iterator[BatchBuilder]:
+    """``records`` in order, in as many of the producer's batches as they fill."""
+    batch = producer.create_batch()
+    for key, value in records:
+        if batch.append(timestamp=None, key=key, value=value) is None:  # full
+            yield batch
+            batch = producer.create_batch()
+            batch.append(timestamp=None, key=key, value=value)  # an empty batch takes any
+    yield batch
 
 
 async def _quietly_stop(client: _Client) -> None:
