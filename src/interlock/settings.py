@@ -194,6 +194,12 @@ class BusSettings(BaseModel):
         description="how long a Kafka broker may hold a fetch that finds nothing (Kafka's "
         "fetch.max.wait.ms); tansu holds every fetch this long",
     )
+    kafka_partitions: int = Field(
+        16,
+        ge=1,
+        description="partitions of the Kafka topics interlock creates: at most this many "
+        "workers of one group get work",
+    )
     kafka_commit_interval_ms: float = Field(
         200.0,
         ge=0,

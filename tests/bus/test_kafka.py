@@ -81,11 +81,12 @@ class TestKafkaContract(BusContract):
 
 @pytest.fixture
 async def make_kafka(kafka_url: str) -> AsyncIterator[Callable[..., Awaitable[KafkaBus]]]:
-    """Open buses to the test broker (closed afterwards); their topics are dropped."""
+    """Open buses to the test broker (4 partitions unless told; closed afterwards); their
+    topics are dropped."""
     buses: list[KafkaBus] = []
 
     async def make(**options: Any) -> KafkaBus:
-        bus = KafkaBus(kafka_url, **{**FAST, **options})
+        bus = KafkaBus(kafka_url, **{**FAST, "partitions": _PARTITIONS, **options})
         buses.append(bus)
         return bus
 
@@ -141,6 +142,19 @@ async def test_a_topic_is_created_once_with_the_configured_partitions(
 
 async def _partitions(sub: KafkaSubscription) -> frozenset[int]:
     return sub.partitions
+
+
+async def test_topics_created_with_the_worker_settings_have_bus_kafka_partitions(
+    make_kafka: Callable[..., Awaitable[KafkaBus]], kafka_url: str
+) -> None:
+    settings = BusSettings(
+        url=kafka_url, kafka_partitions=6, redelivery_s=FAST["session_timeout_s"]
+    )
+    bus = await make_kafka(**bus_options(settings))
+    topic = _topic()
+    await bus.publish(topic, b"x")
+    sub = await bus.subscribe(topic, group=unique_name("g-"), consumer="c1")
+    await eventually(lambda: _partitions(sub), lambda p: p == set(range(6)), what="assignment")
 
 
 # -- commits -----------------------------------------------------------------------------
@@ -380,11 +394,13 @@ def test_the_worker_settings_reach_the_kafka_bus() -> None:
     options = bus_options(settings)
     assert options == {
         "session_timeout_s": 12,
+        "partitions": 16,
         "fetch_max_wait_ms": 7,
         "commit_interval_s": 0.25,
     }
     bus = KafkaBus(settings.url, **options)
     assert bus.commit_interval_s == 0.25
+    assert bus.partitions == KafkaBus(settings.url).partitions == 16  # one default
     # The other backends take only their own redelivery option.
     assert bus_options(BusSettings(url="redis://h:6379/0", redelivery_s=12)) == {
         "claim_idle_ms": 12000

@@ -51,6 +51,7 @@ def bus_options(settings: BusSettings) -> dict[str, Any]:
     if scheme == "kafka":
         return {
             "session_timeout_s": seconds,
+            "partitions": settings.kafka_partitions,
             "fetch_max_wait_ms": settings.kafka_fetch_wait_ms,
             "commit_interval_s": settings.kafka_commit_interval_ms / 1000.0,
         }
