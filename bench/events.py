@@ -378,7 +378,6 @@ async def paced(
     sent_wall: dict[str, float] = {}
     calls_ms: list[float] = []
     start = time.perf_counter()
-    schedule = {request_id: start + i / rate for i, (request_id, _) in enumerate(events)}
     done, behind, last = 0, 0.0, start
     while done < len(events):
         now = time.perf_counter()
@@ -394,6 +393,8 @@ async def paced(
                 sent_wall[request_id] = wall
             done = due
         await asyncio.sleep(tick_s - (time.perf_counter() - start) % tick_s)
+    # Built after the run: building it first would have the publisher start behind.
+    schedule = {request_id: start + i / rate for i, (request_id, _) in enumerate(events)}
     seconds = last - start
     achieved = (len(events) - 1) / seconds if seconds > 0 else math.nan
     return Paced(sent, schedule, sent_wall, calls_ms, achieved, behind * 1000)

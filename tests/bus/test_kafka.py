@@ -350,14 +350,22 @@ async def _committed(url: str, group: str, topic: str) -> int:
     return offsets[tp].offset if tp in offsets else -1
 
 
+async def _one_partition_read(
+    bus: KafkaBus, count: int
+) -> tuple[str, str, KafkaSubscription, list[Message]]:
+    """``count`` messages published to a new topic and fetched, unacknowledged, by
+    member ``c1`` of a new group: (topic, group, subscription, messages)."""
+    topic, group = _topic(), unique_name("g-")
+    await bus.publish_many(topic, [(b"k", b"%d" % i) for i in range(count)])
+    sub = await bus.subscribe(topic, group=group, consumer="c1")
+    return topic, group, sub, await drain(sub, count)
+
+
 async def test_with_a_commit_interval_acks_are_committed_in_the_background(
     make_kafka: Callable[..., Awaitable[KafkaBus]], kafka_url: str
 ) -> None:
     bus = await make_kafka(partitions=1, commit_interval_s=0.1)
-    topic, group = _topic(), unique_name("g-")
-    await bus.publish_many(topic, [(b"k", b"%d" % i) for i in range(5)])
-    sub = await bus.subscribe(topic, group=group, consumer="c1")
-    got = await drain(sub, 5)
+    topic, group, sub, got = await _one_partition_read(bus, 5)
     await sub.ack(got[:2])
     await sub.ack(got[2:])
 
@@ -370,10 +378,7 @@ async def test_lag_and_close_commit_what_the_interval_holds_back(
     make_kafka: Callable[..., Awaitable[KafkaBus]],
 ) -> None:
     bus = await make_kafka(partitions=1, commit_interval_s=3600.0)
-    topic, group = _topic(), unique_name("g-")
-    await bus.publish_many(topic, [(b"k", b"%d" % i) for i in range(6)])
-    sub = await bus.subscribe(topic, group=group, consumer="c1")
-    got = await drain(sub, 6)
+    topic, group, sub, got = await _one_partition_read(bus, 6)
     await sub.ack(got[:3])
     assert await sub.lag() == 3  # the group's figure: the acks are committed first
     await sub.ack(got[3:])
