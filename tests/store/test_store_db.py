@@ -64,9 +64,9 @@ async def test_postgres_tables_land_in_the_search_path_schema(postgres_url: str)
             rows = conn.execute(
                 sa.text(
                     "SELECT table_schema, table_name FROM information_schema.tables"
-                    " WHERE table_name = ANY(:names)"
+                    " WHERE table_name = ANY(:names) AND table_schema IN (:schema, 'public')"
                 ),
-                {"names": sorted(TABLES)},
+                {"names": sorted(TABLES), "schema": schema},
             )
             return {(s, t) for s, t in rows}
 
