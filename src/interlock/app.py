@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,6 +36,7 @@ from interlock.monitoring.llm import LLMMetrics
 from interlock.monitoring.metrics import ServingMetrics
 from interlock.registry import Registry
 from interlock.resilience.breaker import BreakerConfig
+from interlock.resilience.supervisor import Supervisor
 from interlock.runtime.loaders import inspect_artifact
 from interlock.serving.announce import Announcer
 from interlock.serving.models import ModelManager
@@ -76,6 +77,7 @@ class Components:
     pipeline: Pipeline
     gateway: Gateway | None = None
     announcer: Announcer | None = None
+    supervisor: Supervisor = field(default_factory=Supervisor)  # every background loop
 
 
 class _Observers:
@@ -118,7 +120,8 @@ def build_components(settings: Settings) -> Components:
     clock = SystemClock()
     database, artifacts, registry = _registry(settings)
     metrics = ServingMetrics()
-    manager = ModelManager(registry, artifacts, settings.serving, metrics)
+    supervisor = Supervisor(observer=metrics)  # failing loops: the metric and readiness
+    manager = ModelManager(registry, artifacts, settings.serving, metrics, supervisor=supervisor)
     policies = PolicyStore(database, registry, clock)
     announcer = None
     observer: RouterObserver = metrics
@@ -133,6 +136,7 @@ def build_components(settings: Settings) -> Components:
         registry=registry,
         refresh_s=settings.serving.alias_refresh_s,
         observer=observer,
+        supervisor=supervisor,
     )
     shadow = ShadowRunner(metrics, clock)
     cache = (
@@ -171,7 +175,11 @@ def build_components(settings: Settings) -> Components:
     gateway = None
     if settings.llm.models:
         gateway = open_gateway(
-            settings, database=database, metrics=LLMMetrics(metrics.registry), clock=clock
+            settings,
+            database=database,
+            metrics=LLMMetrics(metrics.registry),
+            clock=clock,
+            supervisor=supervisor,
         )
     return Components(
         settings,
@@ -187,6 +195,7 @@ def build_components(settings: Settings) -> Components:
         pipeline,
         gateway,
         announcer,
+        supervisor=supervisor,
     )
 
 
@@ -221,6 +230,7 @@ async def stop_components(parts: Components) -> None:
     await parts.manager.aclose()
     if parts.announcer is not None:
         await parts.announcer.aclose()
+    await parts.supervisor.aclose()  # any loop its owner did not stop
     await parts.database.aclose()
 
 
@@ -265,7 +275,13 @@ def create_app(settings: Settings, components: Components | None = None) -> ASGI
         return (await parts.registry.get_model(name)).versions
 
     api.include_router(
-        build_inference_router(parts.manager, parts.metrics, versions_of, client_keys)
+        build_inference_router(
+            parts.manager,
+            parts.metrics,
+            versions_of,
+            client_keys,
+            failing_loops=parts.supervisor.failing,
+        )
     )
     api.include_router(build_admin_router(parts.registry, parts.manager, parts.shadow, admin_keys))
     api.include_router(build_traffic_router(parts.policies, parts.router.refresh, admin_keys))

@@ -24,6 +24,8 @@ from interlock.llm.usage import (
     parse_time,
     usage_summary,
 )
+from interlock.monitoring.metrics import ServingMetrics
+from interlock.resilience.supervisor import Supervisor
 from interlock.store.db import Database
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -288,6 +290,39 @@ async def test_the_background_task_writes_on_its_own(db: Database) -> None:
         recorder.record(call(0))
         await eventually(lambda: recorder.written == 1)
     assert (await usage_summary(db))["requests"] == 11
+
+
+async def test_the_background_writer_survives_a_failing_database(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Failing writes are logged once, counted, retried with backoff; records are kept."""
+    metrics = ServingMetrics()
+    supervisor = Supervisor(observer=metrics, max_backoff_s=0.05)
+
+    def failures() -> float:
+        sample = {"loop": "llm-usage-flusher"}
+        value = metrics.registry.get_sample_value(
+            "interlock_background_loop_failures_total", sample
+        )
+        return value or 0.0
+
+    await rename(db, "llm_usage", "llm_usage_away")
+    with caplog.at_level(logging.INFO, logger="interlock.resilience"):
+        async with UsageRecorder(db, flush_s=0.01, supervisor=supervisor) as recorder:
+            for record in CALLS:
+                recorder.record(record)
+            await eventually(lambda: failures() >= 3)
+            assert supervisor.failing() == ["llm-usage-flusher"]
+            assert (recorder.pending, recorder.written) == (7, 0)
+            await rename(db, "llm_usage_away", "llm_usage")
+            await eventually(lambda: recorder.written == 7)
+            await eventually(lambda: supervisor.failing() == [])
+    assert [r.levelname for r in caplog.records if r.name == "interlock.resilience"] == [
+        "ERROR",
+        "INFO",
+    ]
+    assert supervisor.status() == []  # closing the recorder stopped its loop
+    assert (await usage_summary(db))["requests"] == 7
 
 
 async def test_aclose_writes_what_is_left(db: Database) -> None:

@@ -7,9 +7,11 @@ KServe V1 (``GET /v1/models/{name}``) and the Open Inference Protocol
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from interlock import __version__
@@ -59,8 +61,13 @@ def build_inference_router(
     metrics: ServingMetrics,
     versions_of: Any,
     client_keys: tuple[bytes, ...],
+    failing_loops: Callable[[], Sequence[str]] | None = None,
 ) -> APIRouter:
-    """``versions_of(name) -> list[int]`` lists a model's versions (from the registry)."""
+    """``versions_of(name) -> list[int]`` lists a model's versions (from the registry).
+
+    ``failing_loops()`` names the background loops failing now: while it names any, the
+    process is not ready (503).
+    """
 
     async def client(request: Request) -> None:
         check_key(dict(request.scope["headers"]), client_keys)
@@ -72,9 +79,24 @@ def build_inference_router(
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @router.get("/v2/health/ready")
-    async def ready() -> dict[str, bool]:
-        return {"ready": True}
+    @router.get(
+        "/v2/health/ready",
+        response_model=None,
+        responses={503: {"description": "a background loop is failing; the body names it"}},
+    )
+    async def ready() -> dict[str, bool] | JSONResponse:
+        failing = list(failing_loops()) if failing_loops is not None else []
+        if not failing:
+            return {"ready": True}
+        return JSONResponse(
+            {
+                "ready": False,
+                "failing_loops": failing,
+                "error": f"not ready: background loop(s) failing: {', '.join(failing)};"
+                " the log has the cause",
+            },
+            status_code=503,
+        )
 
     @router.get("/metrics")
     async def prometheus() -> Response:

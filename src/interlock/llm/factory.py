@@ -19,6 +19,7 @@ from interlock.llm.providers import make_provider
 from interlock.llm.semantic import CallableEmbedder, Embedder, LocalEmbedder
 from interlock.llm.usage import UsageRecorder
 from interlock.monitoring.llm import LLMMetrics
+from interlock.resilience.supervisor import Supervisor
 from interlock.settings import Settings
 from interlock.store.db import Database
 
@@ -32,8 +33,11 @@ def open_gateway(
     metrics: LLMMetrics | None = None,
     clock: Clock | None = None,
     environ: Mapping[str, str] | None = None,
+    supervisor: Supervisor | None = None,
 ) -> Gateway:
     """The gateway of ``settings.llm``; usage is recorded when ``database`` is given.
+
+    The usage writer runs under ``supervisor`` (the process's, for readiness) when given.
 
     Raises ConfigError when a deployment's or tenant's key variable is not set, or a
     backend URL cannot be used.
@@ -61,7 +65,11 @@ def open_gateway(
 
                 embedder = CallableEmbedder(embed)
         cache = open_llm_cache(llm.cache, clock=clock, embedder=embedder, timeout_s=0.05)
-    usage = UsageRecorder(database, flush_s=llm.usage_flush_s) if database is not None else None
+    usage = (
+        UsageRecorder(database, flush_s=llm.usage_flush_s, supervisor=supervisor)
+        if database is not None
+        else None
+    )
     gateway = Gateway(
         llm,
         providers,

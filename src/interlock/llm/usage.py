@@ -18,9 +18,11 @@ Rules:
   counted in :attr:`UsageRecorder.dropped` (for the metrics); a warning is logged once,
   and again only after a flush has succeeded since.
 - A write that fails puts its rows back at the front of the buffer (still bounded) and
-  is tried again at the next flush. The background task logs the first failure as a
-  warning (its message names the database with the password masked; no key is ever in a
-  record) and, while writes keep failing, waits the full ``flush_s`` between tries.
+  is tried again at the next flush. The background writer is the ``llm-usage-flusher``
+  loop of a :class:`~interlock.resilience.supervisor.Supervisor`: it logs the first
+  failure of a streak once, with the cause (the database is named with the password
+  masked; no key is ever in a record), backs off (from ``flush_s``, doubling, capped)
+  while writes keep failing, and marks the process not ready until a write succeeds.
 - A flush runs in its own task: when the caller of :meth:`UsageRecorder.flush` is
   cancelled (a client that went away), the write still finishes.
 - :meth:`UsageRecorder.aclose` stops the task and writes what is left; records it
@@ -55,6 +57,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from interlock.errors import ConfigError, StoreError
+from interlock.resilience.supervisor import Supervised, Supervisor
 from interlock.store.db import Database
 from interlock.store.tables import llm_usage
 
@@ -129,6 +132,7 @@ class UsageRecorder:
         flush_s: float = 1.0,
         max_buffer: int = 100_000,
         flush_rows: int = CHUNK_ROWS,
+        supervisor: Supervisor | None = None,
     ) -> None:
         if not flush_s > 0:
             raise ConfigError(f"the usage flush interval must be positive, not {flush_s}")
@@ -144,7 +148,8 @@ class UsageRecorder:
         self._written = 0
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor = supervisor or Supervisor()
+        self._loop: Supervised | None = None
         self._flushes: set[asyncio.Task[None]] = set()
         self._closed = False
         self._failing = False
@@ -244,17 +249,18 @@ class UsageRecorder:
 
     async def start(self) -> None:
         """Start writing the buffer in the background."""
-        if self._task is None and not self._closed:
-            self._task = asyncio.create_task(self._flush_forever(), name="llm-usage-flusher")
+        if self._loop is None and not self._closed:
+            self._loop = self._supervisor.spawn(
+                "llm-usage-flusher", self._flush_when_due, backoff_s=self._flush_s
+            )
 
     async def aclose(self) -> None:
         """Stop the background task and write what is left; never raises on a DB failure."""
         if self._closed:
             return
         self._closed = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task  # it returns at its next wake-up, which is now
+        if self._loop is not None:
+            await self._loop.stop()  # a write under way goes on: the flush below waits for it
         try:
             await self.flush()
         except StoreError as exc:
@@ -277,27 +283,22 @@ class UsageRecorder:
     ) -> None:
         await self.aclose()
 
-    async def _flush_forever(self) -> None:
-        while True:
+    async def _flush_when_due(self) -> None:
+        """One step of the background writer: wait for ``flush_s`` or a full batch, write.
+
+        After a failed write the supervisor's backoff was the wait: write at once.
+        """
+        if not self._failing:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._flush_s):
                     await self._wake.wait()
-            self._wake.clear()
-            if self._closed:
-                return
-            try:
-                await self.flush()
-            except StoreError as exc:
-                if not self._failing:
-                    log.warning(
-                        "cannot write LLM usage; the records stay buffered and are retried",
-                        extra={"pending": self.pending, "error": str(exc)},
-                    )
-                self._failing = True
-            else:
-                if self._failing:
-                    log.info("LLM usage writes work again", extra={"written": self._written})
-                self._failing = False
+        self._wake.clear()
+        try:
+            await self.flush()
+        except StoreError:
+            self._failing = True  # the records stay buffered; the supervisor logs and backs off
+            raise
+        self._failing = False
 
 
 def _clip(text: str, width: int) -> str:

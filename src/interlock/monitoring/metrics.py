@@ -165,6 +165,18 @@ class ServingMetrics:
             ["model", "version", "action"],
             registry=self.registry,
         )
+        self.loop_failures = Counter(
+            "interlock_background_loop_failures",
+            "Failed iterations of a background loop (each one retried with backoff).",
+            ["loop"],
+            registry=self.registry,
+        )
+        self.loop_failing = Gauge(
+            "interlock_background_loop_failing",
+            "1 while a background loop's last iteration failed (the node is then not ready).",
+            ["loop"],
+            registry=self.registry,
+        )
         self._request_children: dict[
             tuple[str, str, str, int], tuple[Callable[[], None], Callable[[float], None]]
         ] = {}
@@ -249,6 +261,14 @@ class ServingMetrics:
     ) -> None:
         self.canary_weight.labels(model, str(version)).set(weight)
         self.canary_actions.labels(model, str(version), action).inc()
+
+    # LoopObserver
+    def loop_failed(self, loop: str) -> None:
+        self.loop_failures.labels(loop).inc()
+        self.loop_failing.labels(loop).set(1)
+
+    def loop_recovered(self, loop: str) -> None:
+        self.loop_failing.labels(loop).set(0)
 
     def model_unloaded(self, model: str, version: int) -> None:
         self.loaded_versions.labels(model, str(version)).set(0)

@@ -2,7 +2,8 @@
 
 A *route* is what a client names: ``fraud`` (its ``champion`` alias, else its latest
 version), ``fraud@challenger``, ``fraud@latest``. Each route points at a loaded version.
-Every ``alias_refresh_s`` the manager re-reads the registry's aliases in one query;
+Every ``alias_refresh_s`` the manager re-reads the registry's aliases in one query (the
+supervised ``alias-refresh`` loop: a failed read is logged once and retried with backoff);
 when a route's target moved (here or on another node), the new version is loaded and
 warmed *before* the route is switched, so requests never wait on a load and never fail
 during a swap. A version no route points at any more is unloaded after its last
@@ -14,7 +15,6 @@ Pinned versions (``/v2/models/{name}/versions/{v}``) load on first use and stay 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from interlock._core.schema import FeatureSchema, FeatureType
 from interlock.errors import InterlockError, ModelNotFoundError, RuntimeLoadError
 from interlock.registry import ModelRouting, ModelVersion, Registry
+from interlock.resilience.supervisor import Supervised, Supervisor
 from interlock.runtime.base import Predictor
 from interlock.runtime.batcher import Batcher
 from interlock.runtime.loaders import load_predictor
@@ -123,6 +124,8 @@ class ModelManager:
         artifacts: ArtifactStore,
         settings: ServingSettings,
         observer: ServingObserver | None = None,
+        *,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._registry = registry
         self._artifacts = artifacts
@@ -134,18 +137,20 @@ class ModelManager:
         self._failed: dict[tuple[str, int], float] = {}
         self._refresh_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._refresher: asyncio.Task[None] | None = None
+        self._supervisor = supervisor or Supervisor()
+        self._refresher: Supervised | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._refresher = asyncio.create_task(self._refresh_forever(), name="alias-refresh")
+        """Follow the registry's aliases in the supervised ``alias-refresh`` loop."""
+        self._refresher = self._supervisor.spawn(
+            "alias-refresh", self.refresh, every_s=self._settings.alias_refresh_s
+        )
 
     async def aclose(self) -> None:
         if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+            await self._refresher.stop()
         for task in list(self._tasks) + list(self._loading.values()):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._loading.values(), return_exceptions=True)
@@ -289,14 +294,6 @@ class ModelManager:
         await asyncio.to_thread(loaded.predictor.close)
 
     # -- following the registry --------------------------------------------------------
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.alias_refresh_s)
-            try:
-                await self.refresh()
-            except InterlockError as exc:
-                log.warning("could not refresh model routes", extra={"error": str(exc)})
 
     async def refresh(self) -> None:
         """Re-read the aliases; load and warm every moved target, then switch its route."""

@@ -9,12 +9,15 @@ Every request's outcome is recorded per version in a rolling window; at each ref
 the guard compares a running canary with its stable version and advances, promotes or
 rolls it back. Nodes sharing a database evaluate their own windows and apply a step with
 a compare-and-set on the policy revision, so a step is taken once.
+
+The refresh (and with it the guard) runs as the ``traffic-refresh`` loop of a
+:class:`~interlock.resilience.supervisor.Supervisor`: a refresh that raises is logged
+once, retried with backoff, and makes the node report not ready until one succeeds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from typing import Protocol
@@ -22,6 +25,7 @@ from typing import Protocol
 from interlock._core.clock import Clock
 from interlock.errors import InterlockError
 from interlock.registry import Registry
+from interlock.resilience.supervisor import Supervised, Supervisor
 from interlock.serving.models import ModelManager
 from interlock.serving.policies import PolicyStore
 from interlock.serving.traffic import CanaryStatus, TrafficPolicy, WindowStats, evaluate_canary
@@ -52,6 +56,7 @@ class TrafficRouter:
         registry: Registry | None = None,
         refresh_s: float = 1.0,
         observer: RouterObserver | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -63,7 +68,8 @@ class TrafficRouter:
         self.watching = False  # whether any version keeps a canary window
         self._windows: dict[tuple[str, int], RollingWindow] = {}
         self._random = random.random
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor = supervisor or Supervisor()
+        self._loop: Supervised | None = None
         self._lock = asyncio.Lock()
 
     # -- the request path ---------------------------------------------------------------
@@ -100,28 +106,21 @@ class TrafficRouter:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Apply the policies, then refresh them (and guard canaries) in a supervised loop."""
         await self.refresh()
-        self._task = asyncio.create_task(self._refresh_forever(), name="traffic-refresh")
+        self._loop = self._supervisor.spawn(
+            "traffic-refresh", self.refresh, every_s=self._refresh_s
+        )
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            try:
-                await self.refresh()
-            except InterlockError as exc:
-                log.warning("could not refresh traffic policies", extra={"error": str(exc)})
+        if self._loop is not None:
+            await self._loop.stop()
 
     async def refresh(self) -> None:
         """Re-read the policies, warm every version they name, then apply them."""
         async with self._lock:
             snapshot = await self._store.snapshot()
-            for name, policy in snapshot.items():
+            for name, policy in list(snapshot.items()):  # entries are replaced or dropped
                 current = self.policies.get(name)
                 if current is not None and current.revision == policy.revision:
                     snapshot[name] = current
