@@ -38,6 +38,7 @@ from interlock.registry import Registry
 from interlock.resilience.breaker import BreakerConfig
 from interlock.runtime.loaders import inspect_artifact
 from interlock.serving.announce import Announcer
+from interlock.serving.loadcheck import ManagerLoader
 from interlock.serving.models import ModelManager
 from interlock.serving.pipeline import Pipeline
 from interlock.serving.policies import PolicyStore
@@ -119,7 +120,7 @@ def build_components(settings: Settings) -> Components:
     database, artifacts, registry = _registry(settings)
     metrics = ServingMetrics()
     manager = ModelManager(registry, artifacts, settings.serving, metrics)
-    policies = PolicyStore(database, registry, clock)
+    policies = PolicyStore(database, registry, clock, loader=ManagerLoader(manager))
     announcer = None
     observer: RouterObserver = metrics
     if not settings.bus.url.startswith("memory:"):
