@@ -269,7 +269,7 @@ def _print_nodes(console: Console, info: dict[str, Any]) -> None:
         revision = node["revision"]
         applies = "no policy" if revision is None else f"revision {revision}"
         if revision != stored:
-            applies += f" (stale: revision {stored} is stored)" if stored else " (stale)"
+            applies += " (stale)"
         last_seen = node["last_seen"][:19].replace("T", " ")
         table.add_row(node["node"], escape(node["host"]), str(node["pid"]), last_seen, applies)
     console.print(f"nodes seen in the last {LIVE_S:g} s:")
