@@ -26,7 +26,7 @@ import random
 from typing import Protocol
 
 from interlock._core.clock import Clock
-from interlock.errors import InterlockError
+from interlock.errors import InterlockError, StoreError
 from interlock.registry import Registry
 from interlock.serving.models import ModelManager
 from interlock.serving.nodes import NodeIdentity
@@ -170,6 +170,12 @@ class TrafficRouter:
         for version in sorted(versions):
             try:
                 await self._manager.get(policy.model, version)
+            except StoreError as exc:  # transient: the database, not the version; retried
+                log.warning(
+                    "could not read a version of the new traffic policy",
+                    extra={"model": policy.model, "version": version, "error": str(exc)},
+                )
+                return False
             except InterlockError as exc:
                 await self._unloadable_version(policy, version, exc)
                 return False
