@@ -52,7 +52,7 @@ class ManagerLoader:
         for version in versions:
             try:
                 await self._manager.get(model, version)
-            except InterlockError as exc:
+            except (InterlockError, OSError) as exc:
                 raise refusal(model, version, exc) from exc
 
 
