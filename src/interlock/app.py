@@ -39,6 +39,7 @@ from interlock.resilience.breaker import BreakerConfig
 from interlock.resilience.supervisor import Supervisor
 from interlock.runtime.loaders import inspect_artifact
 from interlock.serving.announce import Announcer
+from interlock.serving.loadcheck import ManagerLoader
 from interlock.serving.models import ModelManager
 from interlock.serving.pipeline import Pipeline
 from interlock.serving.policies import PolicyStore
@@ -122,7 +123,7 @@ def build_components(settings: Settings) -> Components:
     metrics = ServingMetrics()
     supervisor = Supervisor(observer=metrics)  # failing loops: the metric and readiness
     manager = ModelManager(registry, artifacts, settings.serving, metrics, supervisor=supervisor)
-    policies = PolicyStore(database, registry, clock)
+    policies = PolicyStore(database, registry, clock, loader=ManagerLoader(manager))
     announcer = None
     observer: RouterObserver = metrics
     if not settings.bus.url.startswith("memory:"):

@@ -182,3 +182,47 @@ def test_a_broken_canary_is_rolled_back_with_no_client_visible_error(
         assert fallbacks >= 10  # the canary was tried, failed, and the stable version answered
         assert canary["status"] == "rolled_back"
         assert "error rate" in canary["reason"]
+
+
+BROKEN = """
+class Model:
+    features = ["x"]
+
+    def predict(self, rows):
+        raise RuntimeError("this version cannot answer")
+"""
+
+
+def test_a_version_that_cannot_load_is_refused_and_show_lists_the_node(
+    tmp_path: Path, pg_settings: Callable[..., Any], server_factory: Callable[[Any], LiveServer]
+) -> None:
+    settings = pg_settings(cache={"enabled": False})
+    add_versions(
+        settings, tmp_path, "m", CONSTANT.format(value=1), BROKEN, CONSTANT.format(value=3)
+    )
+    server = server_factory(settings)
+    url = "/admin/models/m/traffic"
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        put_traffic(http, "m", weights={"1": 100}, fallback={"static": 0})
+        refused = http.post(f"{url}/canary", json={"version": 2, "max_error_rate": 0.05})
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"].startswith("m: version 2 cannot serve, change refused:")
+        assert "this version cannot answer" in refused.json()["error"]
+        refused = http.put(url, json={"weights": {"1": 50, "2": 50}})
+        assert refused.status_code == 422, refused.text
+
+        shown = http.get(url).json()
+        assert shown["policy"]["canary"] is None and shown["policy"]["revision"] == 1
+        assert shown["pending"] is None  # this server applies revision 1 and says so
+        assert [n["revision"] for n in shown["nodes"]] == [1]
+
+        unguarded = http.post(f"{url}/canary", json={"version": 3})
+        assert unguarded.status_code == 422
+        assert "a canary needs a guard" in unguarded.json()["error"]
+        started = http.post(f"{url}/canary", json={"version": 3, "unguarded": True})
+        assert started.status_code == 201, started.text  # nothing was left "still running"
+
+        kept = put_traffic(http, "m", weights={"1": 100})  # no shadow, no fallback given
+        assert kept["fallback"] == {"static": 0}
+        cleared = put_traffic(http, "m", weights={"1": 100}, fallback=None)
+        assert cleared["fallback"] is None

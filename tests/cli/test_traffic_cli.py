@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from typer.testing import CliRunner, Result
 from interlock.cli import traffic
 from interlock.cli._context import CliState
 from interlock.errors import ModelNotFoundError, TrafficError
+from interlock.serving.nodes import NodeIdentity
 from interlock.serving.traffic import CanaryAction, CanaryDecision
 from interlock.settings import Settings, load_settings
 from tests.api.support import register, set_alias, write_python_model
@@ -64,14 +66,14 @@ def rollback(settings: Settings, reason: str) -> None:
 def test_set_show_canary_clear(cli: Callable[..., Result], settings: Settings) -> None:
     result = cli("set", "fraud", "1=80", "2=20", "--fallback-static", '{"p": 0}')
     assert result.exit_code == 0, result.output
-    assert result.output == "fraud: 1=80% 2=20% (revision 1)\n"
+    assert result.output == "fraud: 1=80% 2=20%, static fallback (revision 1)\n"
 
     shown = json.loads(cli("show", "fraud", "--json").output)
     assert shown["policy"]["weights"] == {"1": 80, "2": 20}
     assert shown["policy"]["fallback"] == {"static": {"p": 0}}
     assert shown["effective_weights"] == {"1": 80.0, "2": 20.0}
 
-    result = cli("set", "fraud", "1=100", "--shadow", "3")
+    result = cli("set", "fraud", "1=100", "--shadow", "3", "--no-fallback")
     assert result.output == "fraud: 1=100%, shadow 3 (revision 2)\n"
 
     guard = ("--max-error-rate", "0.05", "--max-p99-ms", "250", "--min-requests", "50")
@@ -100,7 +102,9 @@ def test_set_show_canary_clear(cli: Callable[..., Result], settings: Settings) -
 
 
 def test_canary_steps_and_durations(cli: Callable[..., Result]) -> None:
-    result = cli("canary", "fraud", "3", "--steps", "5, 50,100", "--interval", "500ms")
+    result = cli(
+        "canary", "fraud", "3", "--steps", "5, 50,100", "--interval", "500ms", "--unguarded"
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(cli("show", "fraud", "--json").output)["policy"]["canary"]
     assert (plan["steps"], plan["interval_s"], plan["version"]) == ([5, 50, 100], 0.5, 3)
@@ -115,11 +119,18 @@ def test_canary_steps_and_durations(cli: Callable[..., Result]) -> None:
         (("set", "fraud", "1=-5", "2=5"), TrafficError, "weight for version 1 must be ≥ 0"),
         (("set", "fraud", "1=0"), TrafficError, "at least one version needs a weight above 0"),
         (("set", "fraud", "1=1", "--fallback-static", "{"), TrafficError, "not valid JSON"),
-        (("canary", "fraud", "2", "--interval", "5x"), TrafficError, "'5x' is not a duration"),
-        (("canary", "fraud", "2", "--steps", "5,a"), TrafficError, "not a list of percents"),
-        (("canary", "fraud", "2", "--weight", "10", "--steps", "5,50"), TrafficError,
-         "weight 10 must be the first step"),
-        (("canary", "fraud", "1"), TrafficError, "version 1 already takes the most traffic"),
+        (("canary", "fraud", "2", "--unguarded", "--interval", "5x"), TrafficError,
+         "'5x' is not a duration"),
+        (("canary", "fraud", "2", "--unguarded", "--steps", "5,a"), TrafficError,
+         "not a list of percents"),
+        (("canary", "fraud", "2", "--unguarded", "--weight", "10", "--steps", "5,50"),
+         TrafficError, "weight 10 must be the first step"),
+        (("canary", "fraud", "1", "--unguarded"), TrafficError,
+         "version 1 already takes the most traffic"),
+        (("canary", "fraud", "2"), TrafficError,
+         "fraud: a canary needs a guard: give --max-error-rate or --max-p99-ms, or --unguarded"),
+        (("set", "fraud", "1=1", "--shadow", "2", "--no-shadow"), TrafficError,
+         "either --shadow or --no-shadow"),
         (("show", "nope"), ModelNotFoundError, "no model named 'nope'"),
     ],
 )  # fmt: skip
@@ -163,3 +174,93 @@ def test_the_command_end_to_end(tmp_path: Path) -> None:
     usage = run(home, "traffic", "canary", "fraud", "2", "--weight", "500")
     assert usage.returncode == 2
     assert usage.stderr.startswith("error: ") and "Traceback" not in usage.stderr
+
+
+# -- issue 11: what is accepted can serve; what is shown is applied ----------------------
+
+BROKEN = """
+class Model:
+    features = ["x"]
+
+    def predict(self, rows):
+        raise RuntimeError("this version cannot answer")
+"""
+
+
+def test_a_version_that_cannot_load_is_refused_and_blocks_nothing(
+    cli: Callable[..., Result], settings: Settings, tmp_path: Path
+) -> None:
+    register(settings, "fraud", write_python_model(tmp_path / "broken", BROKEN), "python")
+    result = cli("canary", "fraud", "4", "--max-error-rate", "0.05")
+    assert result.exit_code != 0
+    assert isinstance(result.exception, TrafficError), result.output
+    message = str(result.exception)
+    assert message.startswith("fraud: version 4 cannot serve, change refused: ")
+    assert "this version cannot answer" in message and "\n" not in message
+    shown = json.loads(cli("show", "fraud", "--json").output)
+    assert shown["policy"] is None  # nothing was written: no canary stuck at step 1
+
+    refused = cli("set", "fraud", "1=50", "4=50")
+    assert isinstance(refused.exception, TrafficError) and "version 4" in str(refused.exception)
+    refused = cli("set", "fraud", "1=100", "--shadow", "4")
+    assert isinstance(refused.exception, TrafficError) and "version 4" in str(refused.exception)
+    # The next canary starts: the refused one left nothing "still running".
+    result = cli("canary", "fraud", "2", "--max-error-rate", "0.05")
+    assert result.exit_code == 0, result.output
+
+
+def test_set_keeps_the_shadow_and_fallback_unless_replaced_or_removed(
+    cli: Callable[..., Result],
+) -> None:
+    cli("set", "fraud", "1=100", "--shadow", "3", "--fallback-static", "0.5")
+    result = cli("set", "fraud", "1=80", "2=20")
+    assert result.output == "fraud: 1=80% 2=20%, shadow 3, static fallback (revision 2)\n"
+    policy = json.loads(cli("show", "fraud", "--json").output)["policy"]
+    assert (policy["shadow"], policy["fallback"]) == (3, {"static": 0.5})
+    result = cli("set", "fraud", "1=100", "--no-shadow", "--fallback-static", "1")
+    assert result.output == "fraud: 1=100%, static fallback (revision 3)\n"
+    result = cli("set", "fraud", "1=100", "--no-fallback")
+    assert result.output == "fraud: 1=100% (revision 4)\n"
+
+
+def test_show_lists_the_nodes_and_says_when_none_applies_the_policy(
+    cli: Callable[..., Result], settings: Settings
+) -> None:
+    assert cli("set", "fraud", "1=80", "2=20").exit_code == 0
+    text = cli("show", "fraud").output
+    assert "pending: no node applies revision 1" in text
+    assert "nodes: none seen in the last 15 s" in text
+
+    async def beat(revision: int) -> None:
+        async with traffic.open_policies(settings) as store:
+            who = NodeIdentity("node-a", "host-a", 4242, datetime.now(UTC))
+            await store.beat(who, {"fraud": revision})
+
+    asyncio.run(beat(1))  # what a serving node writes after applying revision 1
+    text = cli("show", "fraud").output
+    assert "pending" not in text
+    assert "node-a" in text and "host-a" in text and "revision 1" in text
+    shown = json.loads(cli("show", "fraud", "--json").output)
+    assert [(n["node"], n["revision"]) for n in shown["nodes"]] == [("node-a", 1)]
+
+    assert cli("set", "fraud", "1=50", "2=50").exit_code == 0
+    text = cli("show", "fraud").output
+    assert "pending: no node applies revision 2" in text
+    assert "revision 1 (stale)" in text
+
+
+def test_a_refused_change_is_one_line_from_the_command(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    settings: Any = load_settings(None, home=home)
+    register(settings, "fraud", write_python_model(tmp_path / "m"), "python")
+    register(settings, "fraud", write_python_model(tmp_path / "broken", BROKEN), "python")
+    done = run(home, "traffic", "canary", "fraud", "2", "--max-p99-ms", "50")
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: fraud: version 2 cannot serve, change refused: ")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    unguarded = run(home, "traffic", "canary", "fraud", "2")
+    assert unguarded.returncode == 1
+    assert unguarded.stderr == (
+        "error: fraud: a canary needs a guard: give --max-error-rate or --max-p99-ms,"
+        " or --unguarded to let it promote on time alone\n"
+    )

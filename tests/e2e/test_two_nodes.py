@@ -91,6 +91,16 @@ def test_a_traffic_change_on_one_node_reaches_the_other(
             break
     print(f"\nnode b followed the change after {time.monotonic() - started:.3f} s")
     assert _version(b, 1e6) == 2
+    # Both nodes report the revision they apply; show says so, and nothing is pending.
+    revision = changed.json()["revision"]
+    for _ in range(600):
+        shown = httpx.get(f"{b}/admin/models/m/traffic").json()
+        if [n["revision"] for n in shown["nodes"]] == [revision, revision]:
+            break
+        time.sleep(0.05)  # the nodes write their heartbeat after each 1 s refresh
+    assert [n["revision"] for n in shown["nodes"]] == [revision, revision]
+    assert len({n["pid"] for n in shown["nodes"]}) == 2
+    assert shown["pending"] is None
 
 
 def test_the_nodes_share_the_redis_cache(nodes: tuple[str, str, dict[str, str]]) -> None:

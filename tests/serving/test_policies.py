@@ -163,32 +163,33 @@ async def test_a_canary_starts_against_the_champion(store: PolicyStore) -> None:
 
 async def test_a_canary_starts_against_the_heaviest_version(store: PolicyStore) -> None:
     await store.set_weights("fraud", {1: 30, 3: 60, 4: 10}, shadow=2)
-    policy = await store.start_canary("fraud", 4, steps=[5, 50])
+    policy = await store.start_canary("fraud", 4, steps=[5, 50], unguarded=True)
     assert policy.canary is not None and policy.canary.stable == 3
     assert policy.weights == {1: 30, 3: 70}  # the canary's own weight went to stable
     assert policy.shadow == 2
     assert policy.effective_weights() == pytest.approx({1: 30, 3: 65, 4: 5})
 
     with pytest.raises(TrafficError, match="the canary of version 4 is still running"):
-        await store.start_canary("fraud", 1)
+        await store.start_canary("fraud", 1, unguarded=True)
     # Setting weights ends the canary; a shadow can then become the canary.
     ended = await store.set_weights("fraud", {3: 100}, shadow=2)
     assert ended.canary is None
     assert "cancels the canary of version 4" in (await store.events("fraud"))[0].message
-    promoted_shadow = await store.start_canary("fraud", 2, steps=[20])
+    promoted_shadow = await store.start_canary("fraud", 2, steps=[20], unguarded=True)
     assert promoted_shadow.shadow is None
     await store.set_weights("fraud", {3: 100})
     with pytest.raises(TrafficError, match="version 3 already takes the most traffic"):
-        await store.start_canary("fraud", 3)
+        await store.start_canary("fraud", 3, unguarded=True)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"weight": 10, "steps": [5, 50]}, "weight 10 must be the first step"),
-        ({"steps": [50, 25]}, "canary steps must rise"),
-        ({"interval_s": 0}, "canary interval must be > 0 s"),
+        ({"steps": [50, 25], "unguarded": True}, "canary steps must rise"),
+        ({"interval_s": 0, "unguarded": True}, "canary interval must be > 0 s"),
         ({"max_error_rate": 2.0}, "max error rate must be within 0..1"),
+        ({"unguarded": False}, "a canary needs a guard"),
     ],
 )
 async def test_bad_canaries_are_refused(
@@ -200,7 +201,7 @@ async def test_bad_canaries_are_refused(
 
 
 async def test_a_canary_advances_then_is_promoted(store: PolicyStore, clock: ManualClock) -> None:
-    policy = await store.start_canary("fraud", 3, steps=[10, 100])
+    policy = await store.start_canary("fraud", 3, steps=[10, 100], unguarded=True)
     clock.advance(60)
     advance = CanaryDecision(CanaryAction.ADVANCE, "healthy at 10%")
     advanced = await store.update_canary("fraud", advance, policy.revision)
@@ -225,7 +226,7 @@ async def test_a_canary_advances_then_is_promoted(store: PolicyStore, clock: Man
 
 
 async def test_hold_and_stale_decisions_change_nothing(store: PolicyStore) -> None:
-    policy = await store.start_canary("fraud", 3)
+    policy = await store.start_canary("fraud", 3, unguarded=True)
     hold = CanaryDecision(CanaryAction.HOLD, "waiting")
     assert await store.update_canary("fraud", hold, policy.revision) is None
     stale = CanaryDecision(CanaryAction.ROLLBACK, "too late")
@@ -313,3 +314,18 @@ async def test_an_unreadable_row_is_skipped_by_the_poll(
     assert "unreadable traffic policy" in caplog.text
     with pytest.raises(TrafficError, match="not a stored traffic policy"):
         await store.get("other")
+
+
+async def test_setting_weights_keeps_the_shadow_and_fallback_unless_told(
+    store: PolicyStore,
+) -> None:
+    fallback = Fallback({"score": 0.0})
+    await store.set_weights("fraud", {1: 100}, shadow=3, fallback=fallback)
+    kept = await store.set_weights("fraud", {1: 80, 2: 20})
+    assert (kept.shadow, kept.fallback) == (3, fallback)
+    promoted = await store.set_weights("fraud", {1: 50, 3: 50})  # the shadow takes traffic
+    assert (promoted.shadow, promoted.fallback) == (None, fallback)
+    replaced = await store.set_weights("fraud", {1: 100}, shadow=4, fallback=Fallback(1))
+    assert (replaced.shadow, replaced.fallback) == (4, Fallback(1))
+    cleared = await store.set_weights("fraud", {1: 100}, shadow=None, fallback=None)
+    assert (cleared.shadow, cleared.fallback) == (None, None)

@@ -77,6 +77,8 @@ async def test_put_get_canary_and_delete(http: httpx.AsyncClient, refreshes: Ref
         "model": "fraud",
         "policy": None,
         "effective_weights": None,
+        "nodes": [],
+        "pending": None,
         "last_rollback": None,
         "events": [],
     }
@@ -88,7 +90,13 @@ async def test_put_get_canary_and_delete(http: httpx.AsyncClient, refreshes: Ref
     assert put.json()["fallback"] == {"static": {"p": 0}}
     assert refreshes.count == 1
 
-    canary = await http.post(f"{URL}/canary", json={"version": 3, "weight": 10})
+    unguarded = await http.post(f"{URL}/canary", json={"version": 3, "weight": 10})
+    assert unguarded.status_code == 422
+    assert "a canary needs a guard: give max_error_rate or max_p99_ms" in unguarded.text
+    assert refreshes.count == 1
+    canary = await http.post(
+        f"{URL}/canary", json={"version": 3, "weight": 10, "max_error_rate": 0.05}
+    )
     assert canary.status_code == 201, canary.text
     assert canary.json()["canary"]["stable"] == 1
     assert canary.json()["shadow"] is None  # the shadow became the canary
@@ -114,7 +122,13 @@ async def test_put_get_canary_and_delete(http: httpx.AsyncClient, refreshes: Ref
         ("PUT", URL, {"weights": {"one": 1}}, 422, None),
         ("PUT", URL, {"weights": {"1": 1}, "extra": True}, 422, None),
         ("PUT", "/admin/models/nope/traffic", {"weights": {"1": 1}}, 404, "no model named"),
-        ("POST", f"{URL}/canary", {"version": 2, "steps": [50, 5]}, 422, "steps must rise"),
+        (
+            "POST",
+            f"{URL}/canary",
+            {"version": 2, "steps": [50, 5], "unguarded": True},
+            422,
+            "steps must rise",
+        ),
         ("POST", f"{URL}/canary", {"version": 2, "max_error_rate": 3}, 422, None),
         ("GET", "/admin/models/nope/traffic", None, 404, "no model named 'nope'"),
     ],

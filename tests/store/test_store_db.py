@@ -27,6 +27,7 @@ TABLES = {
     "model_versions",
     "models",
     "traffic_events",
+    "traffic_nodes",
     "traffic_policies",
 }
 
@@ -44,7 +45,7 @@ async def test_migrate_creates_the_tables_and_is_idempotent(database_url: str) -
         db.migrate()
         assert await db.run(_tables, readonly=True) == TABLES
         db.migrate()
-        assert await db.run(_head) == ["0004"]
+        assert await db.run(_head) == ["0005"]
 
 
 async def test_migrated_schema_matches_tables_module(db: Database) -> None:
@@ -77,7 +78,7 @@ async def test_concurrent_migrations_in_one_process(database_url: str) -> None:
     first, second = Database(database_url), Database(database_url)
     try:
         await asyncio.gather(asyncio.to_thread(first.migrate), asyncio.to_thread(second.migrate))
-        assert await first.run(_head) == ["0004"]
+        assert await first.run(_head) == ["0005"]
     finally:
         first.dispose()
         second.dispose()
@@ -122,7 +123,7 @@ async def test_concurrent_migrations_in_separate_processes(
     results = await asyncio.to_thread(run_all)
     assert [(code, err) for code, err in results if code != 0] == []
     async with Database(database_url) as db:
-        assert await db.run(_head) == ["0004"]
+        assert await db.run(_head) == ["0005"]
 
 
 async def test_run_commits_or_rolls_back(db: Database) -> None:

@@ -1,6 +1,9 @@
 """``interlock traffic``: split, shadow, canary and fallback per model.
 
 Changes go to the metadata database; running servers pick them up within a second.
+``set`` and ``canary`` first load and warm, in this process, each version they send
+requests to, and refuse the change when one cannot load. ``show`` lists the serving
+nodes seen recently with the policy revision each applies.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from interlock.cli._context import settings_from
 from interlock.errors import TrafficError
 from interlock.registry import Registry
 from interlock.runtime.loaders import inspect_artifact
-from interlock.serving.policies import PolicyStore
+from interlock.serving.loadcheck import ArtifactLoader
+from interlock.serving.nodes import LIVE_S
+from interlock.serving.policies import KEEP, Keep, PolicyStore
 from interlock.serving.traffic import Fallback, TrafficPolicy
 from interlock.settings import Settings
 from interlock.store.artifacts import ArtifactStore
@@ -46,7 +51,8 @@ async def open_policies(settings: Settings) -> AsyncIterator[PolicyStore]:
         await asyncio.to_thread(database.migrate)
         artifacts = ArtifactStore(settings.effective_artifacts_dir)
         registry = Registry(database, artifacts, inspect_artifact, SystemClock())
-        yield PolicyStore(database, registry, SystemClock())
+        loader = ArtifactLoader(registry, artifacts)
+        yield PolicyStore(database, registry, SystemClock(), loader=loader)
     finally:
         await database.aclose()
 
@@ -84,7 +90,8 @@ def _parse_weights(pairs: list[str]) -> dict[int, int]:
 def _summary(policy: TrafficPolicy) -> str:
     shares = " ".join(f"{v}={p:g}%" for v, p in policy.effective_weights().items())
     shadow = f", shadow {policy.shadow}" if policy.shadow is not None else ""
-    return f"{policy.model}: {shares}{shadow} (revision {policy.revision})"
+    fallback = ", static fallback" if policy.fallback is not None else ""
+    return f"{policy.model}: {shares}{shadow}{fallback} (revision {policy.revision})"
 
 
 @app.command("set")
@@ -95,22 +102,39 @@ def set_weights(
         list[str], typer.Argument(metavar="VERSION=WEIGHT...", help="e.g. 1=80 2=20.")
     ],
     shadow: Annotated[
-        int | None, typer.Option(min=1, help="A version that gets a copy of each request.")
+        int | None,
+        typer.Option(min=1, help="A version that gets a copy of each request (replaces one)."),
     ] = None,
+    no_shadow: Annotated[
+        bool, typer.Option("--no-shadow", help="Remove the shadow the policy has.")
+    ] = False,
     fallback_static: Annotated[
         str | None,
         typer.Option("--fallback-static", help="JSON answer per row when no version can answer."),
     ] = None,
+    no_fallback: Annotated[
+        bool, typer.Option("--no-fallback", help="Remove the static fallback the policy has.")
+    ] = False,
 ) -> None:
-    """Split NAME's traffic by weight; replaces the policy and cancels a running canary."""
+    """Split NAME's traffic by weight; cancels a running canary.
+
+    The shadow and static fallback already set are kept unless replaced (--shadow,
+    --fallback-static) or removed (--no-shadow, --no-fallback). Each version that will
+    get requests is loaded and warmed first; one that cannot load refuses the change.
+    """
     parsed = _parse_weights(weights)
-    fallback = None
+    if shadow is not None and no_shadow:
+        raise TrafficError("give either --shadow or --no-shadow, not both")
+    if fallback_static is not None and no_fallback:
+        raise TrafficError("give either --fallback-static or --no-fallback, not both")
+    copies: int | Keep | None = None if no_shadow else KEEP if shadow is None else shadow
+    fallback: Fallback | Keep | None = None if no_fallback else KEEP
     if fallback_static is not None:
         try:
             fallback = Fallback(json.loads(fallback_static))
         except json.JSONDecodeError as exc:
             raise TrafficError(f"--fallback-static is not valid JSON: {exc}") from None
-    policy = _run(ctx, lambda s: s.set_weights(name, parsed, shadow=shadow, fallback=fallback))
+    policy = _run(ctx, lambda s: s.set_weights(name, parsed, shadow=copies, fallback=fallback))
     typer.echo(_summary(policy))
 
 
@@ -135,8 +159,21 @@ def canary(
     min_requests: Annotated[
         int, typer.Option(min=1, help="Canary requests before any decision.")
     ] = 100,
+    unguarded: Annotated[
+        bool,
+        typer.Option("--unguarded", help="Allow no guard: the canary promotes on time alone."),
+    ] = False,
 ) -> None:
-    """Roll VERSION out in steps, guarded by error rate and p99; rolls back on a breach."""
+    """Roll VERSION out in steps, guarded by error rate and p99; rolls back on a breach.
+
+    A guard (--max-error-rate or --max-p99-ms) is required unless --unguarded. VERSION
+    is loaded and warmed first; a version that cannot load is refused.
+    """
+    if max_error_rate is None and max_p99_ms is None and not unguarded:
+        raise TrafficError(
+            f"{name}: a canary needs a guard: give --max-error-rate or --max-p99-ms,"
+            " or --unguarded to let it promote on time alone"
+        )
     ladder = None
     if steps is not None:
         parts = [p.strip() for p in steps.split(",")]
@@ -155,6 +192,7 @@ def canary(
             max_error_rate=max_error_rate,
             max_p99_ms=max_p99_ms,
             min_requests=min_requests,
+            unguarded=unguarded,
         ),
     )
     typer.echo(_summary(policy))
@@ -167,7 +205,7 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     limit: Annotated[int, typer.Option(min=1, help="Recent events to list.")] = 10,
 ) -> None:
-    """Show NAME's weights, shadow, fallback, canary, last rollback and recent events."""
+    """Show NAME's weights, shadow, fallback, canary, the nodes applying it, recent events."""
     info = _run(ctx, lambda s: s.describe(name, limit))
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -189,6 +227,11 @@ def _print(info: dict[str, Any]) -> None:
         console.print(f"[bold]{escape(name)}[/bold]: no traffic policy; requests follow aliases")
     else:
         console.print(f"[bold]{escape(name)}[/bold]  revision {policy['revision']}")
+        if info["pending"] is not None:
+            console.print(
+                f"[bold]pending: {escape(info['pending'])}[/bold]"
+                " (the split below is stored, not yet applied)"
+            )
         plan = policy["canary"] or {}
         table = Table("version", "weight", "share", "role")
         for version, share in info["effective_weights"].items():
@@ -203,6 +246,7 @@ def _print(info: dict[str, Any]) -> None:
         console.print(f"fallback: {escape(text)}")
         if plan:
             _print_canary(console, plan)
+    _print_nodes(console, info)
     rollback = info["last_rollback"]
     if rollback is not None:
         console.print(f"last rollback ({rollback['at']}): {escape(rollback['message'])}")
@@ -212,6 +256,24 @@ def _print(info: dict[str, Any]) -> None:
             at, kind, revision, message = (event[k] for k in ("at", "kind", "revision", "message"))
             table.add_row(at[:19].replace("T", " "), kind, str(revision), escape(message))
         console.print(table)
+
+
+def _print_nodes(console: Console, info: dict[str, Any]) -> None:
+    nodes, policy = info["nodes"], info["policy"]
+    if not nodes:
+        console.print(f"nodes: none seen in the last {LIVE_S:g} s")
+        return
+    stored = policy["revision"] if policy is not None else None
+    table = Table("node", "host", "pid", "last seen", "applies")
+    for node in nodes:
+        revision = node["revision"]
+        applies = "no policy" if revision is None else f"revision {revision}"
+        if revision != stored:
+            applies += " (stale)"
+        last_seen = node["last_seen"][:19].replace("T", " ")
+        table.add_row(node["node"], escape(node["host"]), str(node["pid"]), last_seen, applies)
+    console.print(f"nodes seen in the last {LIVE_S:g} s:")
+    console.print(table)
 
 
 def _print_canary(console: Console, plan: dict[str, Any]) -> None:

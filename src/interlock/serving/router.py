@@ -13,6 +13,12 @@ a compare-and-set on the policy revision, so a step is taken once.
 The refresh (and with it the guard) runs as the ``traffic-refresh`` loop of a
 :class:`~interlock.resilience.supervisor.Supervisor`: a refresh that raises is logged
 once, retried with backoff, and makes the node report not ready until one succeeds.
+
+A policy naming a version this node cannot load is never applied here: a running canary
+of that version is rolled back, any other policy is reverted to the one before, with the
+cause in the event log; the failure is logged once, not at every refresh. After each
+refresh the node writes its heartbeat (the revision it applies per model), which
+``traffic show`` reads.
 """
 
 from __future__ import annotations
@@ -23,12 +29,20 @@ import random
 from typing import Protocol
 
 from interlock._core.clock import Clock
-from interlock.errors import InterlockError
+from interlock.errors import InterlockError, StoreError
 from interlock.registry import Registry
 from interlock.resilience.supervisor import Supervised, Supervisor
 from interlock.serving.models import ModelManager
+from interlock.serving.nodes import NodeIdentity
 from interlock.serving.policies import PolicyStore
-from interlock.serving.traffic import CanaryStatus, TrafficPolicy, WindowStats, evaluate_canary
+from interlock.serving.traffic import (
+    CanaryAction,
+    CanaryDecision,
+    CanaryStatus,
+    TrafficPolicy,
+    WindowStats,
+    evaluate_canary,
+)
 from interlock.serving.window import RollingWindow, WindowSnapshot
 
 __all__ = ["RouterObserver", "TrafficRouter"]
@@ -71,6 +85,9 @@ class TrafficRouter:
         self._supervisor = supervisor or Supervisor()
         self._loop: Supervised | None = None
         self._lock = asyncio.Lock()
+        self._identity = NodeIdentity.current(clock.now())
+        self._unloadable: dict[str, tuple[int, int, str]] = {}  # model: revision, version, why
+        self._report_failing = False
 
     # -- the request path ---------------------------------------------------------------
 
@@ -115,6 +132,7 @@ class TrafficRouter:
     async def aclose(self) -> None:
         if self._loop is not None:
             await self._loop.stop()
+        await self._forget()
 
     async def refresh(self) -> None:
         """Re-read the policies, warm every version they name, then apply them."""
@@ -135,23 +153,98 @@ class TrafficRouter:
             for policy in list(snapshot.values()):
                 if policy.canary is not None and policy.canary.status is CanaryStatus.RUNNING:
                     await self._guard(policy)
+        await self._report()
 
     async def _warm(self, policy: TrafficPolicy) -> bool:
+        """Load every version ``policy`` sends requests to; on a failure, undo the policy."""
+        failed = self._unloadable.get(policy.model)
+        if failed is not None and failed[0] == policy.revision:
+            await self._undo(policy, failed[1], failed[2])  # retried until written; not reloaded
+            return False
         versions = {v for v, w in policy.effective_weights().items() if w > 0}
         if policy.shadow is not None:
             versions.add(policy.shadow)
-        if policy.canary is not None:
+        if policy.canary is not None and policy.canary.running:
             versions.update((policy.canary.version, policy.canary.stable))
-        try:
-            for version in sorted(versions):
+        for version in sorted(versions):
+            try:
                 await self._manager.get(policy.model, version)
-        except InterlockError as exc:
-            log.error(
-                "a version of the new traffic policy failed to load; the old policy stays",
-                extra={"model": policy.model, "error": str(exc)},
-            )
-            return False
+            except StoreError as exc:  # transient: the database, not the version; retried
+                log.warning(
+                    "could not read a version of the new traffic policy",
+                    extra={"model": policy.model, "version": version, "error": str(exc)},
+                )
+                return False
+            except InterlockError as exc:
+                await self._unloadable_version(policy, version, exc)
+                return False
         return True
+
+    @property
+    def node_id(self) -> str:
+        """This node's id in the heartbeat table (``traffic show`` lists it)."""
+        return self._identity.node
+
+    async def _unloadable_version(
+        self, policy: TrafficPolicy, version: int, exc: InterlockError
+    ) -> None:
+        """Log once that ``version`` cannot load here, and undo the policy naming it."""
+        lines = str(exc).strip().splitlines()
+        cause = lines[0] if lines else type(exc).__name__
+        who = self._identity
+        reason = f"version {version} failed to load on node {who.node} ({who.host}): {cause}"
+        self._unloadable[policy.model] = (policy.revision, version, reason)
+        log.error(
+            "a version of the new traffic policy failed to load on this node; rolling it back",
+            extra={
+                "model": policy.model,
+                "version": version,
+                "revision": policy.revision,
+                "error": str(exc),
+            },
+        )
+        await self._undo(policy, version, reason)
+
+    async def _undo(self, policy: TrafficPolicy, version: int, reason: str) -> None:
+        """Roll the canary of ``version`` back, else revert ``policy``; once across nodes."""
+        plan = policy.canary
+        try:
+            if plan is not None and plan.running and plan.version == version:
+                decision = CanaryDecision(CanaryAction.ROLLBACK, reason)
+                if await self._store.update_canary(policy.model, decision, policy.revision):
+                    log.warning(
+                        "canary rollback",
+                        extra={"model": policy.model, "version": version, "reason": reason},
+                    )
+                    if self._observer is not None:
+                        self._observer.canary_changed(
+                            policy.model, version, 0.0, "rollback", reason
+                        )
+            elif await self._store.revert(policy.model, policy.revision, reason) is not None:
+                log.warning(
+                    "traffic policy rolled back",
+                    extra={"model": policy.model, "revision": policy.revision, "reason": reason},
+                )
+        except InterlockError as exc:  # the next refresh tries again; the policy is not applied
+            log.debug("could not roll the policy back yet", extra={"error": str(exc)})
+
+    async def _report(self) -> None:
+        """Write this node's heartbeat: the revision it applies per model."""
+        applied = {name: p.revision for name, p in self.policies.items()}
+        try:
+            await self._store.beat(self._identity, applied)
+        except InterlockError as exc:
+            if not self._report_failing:  # once per outage, not at every refresh
+                log.warning("could not write the node heartbeat", extra={"error": str(exc)})
+            self._report_failing = True
+            return
+        self._report_failing = False
+
+    async def _forget(self) -> None:
+        try:
+            await self._store.nodes.forget(self._identity.node)
+        except InterlockError as exc:
+            log.warning("could not remove the node heartbeat", extra={"error": str(exc)})
 
     async def _guard(self, policy: TrafficPolicy) -> None:
         plan = policy.canary

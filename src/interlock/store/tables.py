@@ -9,7 +9,10 @@ returned as a timezone-aware UTC ``datetime`` (:class:`UTCDateTime`).
 - ``model_aliases``: movable names (``champion``, ``challenger``…) for versions.
 - ``traffic_policies``: a model's traffic policy as JSON (weights, shadow, canary,
   fallback) with a revision that every change bumps.
-- ``traffic_events``: what changed a model's traffic, and why, newest last.
+- ``traffic_events``: what changed a model's traffic, and why, newest last, with the
+  policy the change left (``NULL`` when it left none, or changed none).
+- ``traffic_nodes``: one row per serving node (heartbeat): its host, pid, start and last
+  refresh, and per model the policy revision it applies.
 - ``llm_usage``: LLM gateway calls (tokens, cost, cache savings), one row per second
   and combination of tenant, model, deployment, kind, status and cache hit, with the
   number of calls it sums; written in batches by :class:`interlock.llm.usage.UsageRecorder`.
@@ -35,6 +38,7 @@ __all__ = [
     "model_versions",
     "models",
     "traffic_events",
+    "traffic_nodes",
     "traffic_policies",
 ]
 
@@ -148,7 +152,19 @@ traffic_events = sa.Table(
     sa.Column("kind", sa.String(32), nullable=False),
     sa.Column("message", sa.Text, nullable=False),
     sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("policy", JSONType, nullable=True),  # the policy this event left, if any
     sa.Index("ix_traffic_events_model_id", "model", "id"),
+)
+
+traffic_nodes = sa.Table(
+    "traffic_nodes",
+    metadata,
+    sa.Column("node", sa.String(64), primary_key=True),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", UTCDateTime(), nullable=False),
+    sa.Column("last_seen", UTCDateTime(), nullable=False),
+    sa.Column("applied", JSONType, nullable=False),  # model -> policy revision it applies
 )
 
 llm_usage = sa.Table(
