@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import pickle
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -114,6 +116,65 @@ def test_a_cross_site_form_post_of_a_python_artifact_is_refused_and_runs_nothing
     assert "origin" in response.json()["error"].lower()
     assert not marker.exists()
     assert httpx.get(f"{server.url}/admin/models").json()["models"] == []
+
+
+def _raw_request(url: str, head: str, body: bytes) -> tuple[int, bytes]:
+    """Send bytes as they are on the wire; the status and the body of the answer."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode() + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def test_chromes_own_bytes_for_a_cross_site_form_post_are_refused(
+    tmp_path: Path,
+    make_settings: Callable[..., Any],
+    server_factory: Callable[[Any], LiveServer],
+) -> None:
+    """``<form method=post enctype=multipart/form-data>`` submitted by a page elsewhere."""
+    server = server_factory(make_settings())
+    model, marker = marking_model(tmp_path)
+    boundary = "----WebKitFormBoundaryq3xZ8mXyDkT0aB1c"
+    body = (
+        (
+            f"--{boundary}\r\n"
+            'Content-Disposition: form-data; name="format"\r\n\r\npython\r\n'
+            f"--{boundary}\r\n"
+            'Content-Disposition: form-data; name="artifact"; filename="model.py"\r\n'
+            "Content-Type: text/x-python\r\n\r\n"
+        ).encode()
+        + model.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    host = server.url.removeprefix("http://")
+    head = (
+        "POST /admin/models/calc/versions HTTP/1.1\n"
+        f"Host: {host}\n"
+        "Connection: close\n"
+        f"Content-Length: {len(body)}\n"
+        "Cache-Control: max-age=0\n"
+        'sec-ch-ua: "Chromium";v="126", "Not.A/Brand";v="24"\n'
+        "sec-ch-ua-mobile: ?0\n"
+        "Origin: https://attacker.example\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\n"
+        "Upgrade-Insecure-Requests: 1\n"
+        "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/126.0 Safari\n"
+        "Accept: text/html,application/xhtml+xml,*/*;q=0.8\n"
+        "Sec-Fetch-Site: cross-site\n"
+        "Sec-Fetch-Mode: navigate\n"
+        "Sec-Fetch-Dest: document\n"
+        "Referer: https://attacker.example/\n"
+        "Accept-Encoding: gzip, deflate, br\n"
+        "\n"
+    )
+    status, answer = _raw_request(server.url, head, body)
+    assert status == 403, answer
+    assert b"cross-site" in answer
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize(
