@@ -64,7 +64,11 @@ def test_secrets_are_masked_when_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     text = repr(shown)
     assert "hunter2" not in text and "admin-secret" not in text and "client-secret" not in text
     assert shown["database_url"] == "postgresql://app:***@db:5432/il"
-    assert shown["auth"] == {"admin_key": "********", "client_keys": ["********"]}
+    assert shown["auth"] == {
+        "admin_key": "********",
+        "client_keys": ["********"],
+        "allow_code_uploads": False,
+    }
 
 
 @pytest.mark.parametrize(

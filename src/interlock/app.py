@@ -21,10 +21,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from interlock import __version__
 from interlock._core.clock import SystemClock
 from interlock.api.admin import build_admin_router
-from interlock.api.errors import status_for
+from interlock.api.errors import status_for, validation_error
+from interlock.api.guard import AdminGuard
 from interlock.api.inference import build_inference_router
 from interlock.api.llm import LLMApp
 from interlock.api.predict import ASGIApp, PredictionApp
+from interlock.api.request_ids import RequestIds
 from interlock.api.traffic import build_traffic_router
 from interlock.bus import bus_options, open_bus
 from interlock.cache import Cache, open_cache
@@ -264,9 +266,8 @@ def create_app(settings: Settings, components: Components | None = None) -> ASGI
 
     @api.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first["loc"] if p != "body") or "request"
-        return JSONResponse({"error": f"{where}: {first['msg']}"}, status_code=422)
+        status, message = validation_error(exc.errors())
+        return JSONResponse({"error": message}, status_code=status)
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -284,9 +285,18 @@ def create_app(settings: Settings, components: Components | None = None) -> ASGI
             failing_loops=parts.supervisor.failing,
         )
     )
-    api.include_router(build_admin_router(parts.registry, parts.manager, parts.shadow, admin_keys))
+    api.include_router(
+        build_admin_router(
+            parts.registry,
+            parts.manager,
+            parts.shadow,
+            admin_keys,
+            allow_code_uploads=settings.auth.allow_code_uploads,
+        )
+    )
     api.include_router(build_traffic_router(parts.policies, parts.router.refresh, admin_keys))
-    inner: ASGIApp = api
+    # Browser and loopback checks before any admin route; a request id on every answer.
+    inner: ASGIApp = RequestIds(AdminGuard(api, open_admin=not admin_keys))
     if parts.gateway is not None:
 
         async def usage(**query: object) -> dict[str, object]:
@@ -295,7 +305,7 @@ def create_app(settings: Settings, components: Components | None = None) -> ASGI
         admin_key = settings.auth.admin_key
         inner = LLMApp(
             parts.gateway,
-            api,
+            inner,
             usage=usage,
             admin_key=admin_key.get_secret_value().encode() if admin_key else None,
             max_body_bytes=settings.server.max_body_bytes,

@@ -36,8 +36,9 @@ environment.
 | breaker.open_s | INTERLOCK_BREAKER__OPEN_S | float | ``5`` |
 | breaker.half_open_calls | INTERLOCK_BREAKER__HALF_OPEN_CALLS | int | ``3`` |
 | serving.alias_refresh_s | INTERLOCK_SERVING__ALIAS_REFRESH_S | float | ``1.0`` |
-| auth.admin_key | INTERLOCK_AUTH__ADMIN_KEY | secret | none (admin API open) |
+| auth.admin_key | INTERLOCK_AUTH__ADMIN_KEY | secret | none (admin API: loopback only) |
 | auth.client_keys | INTERLOCK_AUTH__CLIENT_KEYS | list of secrets | none (predictions open) |
+| auth.allow_code_uploads | INTERLOCK_AUTH__ALLOW_CODE_UPLOADS | bool | ``false`` (refused) |
 | log.level | INTERLOCK_LOG__LEVEL | str | ``info`` |
 | log.json_lines | INTERLOCK_LOG__JSON_LINES | bool | JSON when stderr is not a TTY |
 
@@ -148,10 +149,24 @@ class BreakerSettings(BaseModel):
 
 
 class AuthSettings(BaseModel):
+    """Who may do what over HTTP; the README's "Security" section is the threat model."""
+
     model_config = _FROZEN
 
-    admin_key: SecretStr | None = None
-    client_keys: list[SecretStr] = Field(default_factory=list)
+    admin_key: SecretStr | None = Field(
+        None,
+        description="the key of the admin API; unset, the admin API answers loopback "
+        "clients only and refuses uploads that run code",
+    )
+    client_keys: list[SecretStr] = Field(
+        default_factory=list, description="keys for predictions; none: predictions are open"
+    )
+    allow_code_uploads: bool = Field(
+        False,
+        description="the admin API may register artifacts that run code when loaded (the "
+        "python format, trusted pickles); they still need the admin key. The CLI, run by "
+        "the operator, is not bound by it",
+    )
 
 
 class LogSettings(BaseModel):

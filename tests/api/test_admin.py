@@ -10,10 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api.support import PYTHON_MODEL, write_python_model
+from tests.api.support import PYTHON_MODEL, register, write_python_model
 from tests.conftest import LiveServer
 
 ROW = {"a": 1.0, "b": 2, "c": 0.5}
+ADMIN = {"authorization": "Bearer adm-key"}
+# Python artifacts run code: over HTTP they need the admin key and the setting.
+CODE_UPLOADS = {"admin_key": "adm-key", "allow_code_uploads": True}
 
 
 def upload(
@@ -32,13 +35,15 @@ def test_register_alias_and_predict_over_http(
     make_settings: Callable[..., Any],
     server_factory: Callable[[Any], LiveServer],
 ) -> None:
-    server = server_factory(make_settings())
+    # A python model loads in a worker process on first use: a generous deadline for it.
+    settings = make_settings(auth=CODE_UPLOADS, serving={"default_timeout_ms": 30_000})
+    server = server_factory(settings)
     model = write_python_model(tmp_path)
     doubled = write_python_model(
         tmp_path / "v2",
         PYTHON_MODEL.replace("return [", "return [2 * (").replace('r["c"] for', 'r["c"]) for'),
     )
-    with httpx.Client(base_url=server.url, timeout=10) as http:
+    with httpx.Client(base_url=server.url, timeout=10, headers=ADMIN) as http:
         first = upload(http, "calc", model, metrics=json.dumps({"auc": 0.9}), alias="champion")
         assert first.status_code == 201, first.text
         created = first.json()
@@ -74,7 +79,7 @@ def test_register_alias_and_predict_over_http(
     ("fields", "status", "message"),
     [
         ({"format": "tensorflow"}, 422, "tensorflow"),
-        ({"format": "python", "schema": "{bad"}, 400, "field 'schema' is not valid JSON"),
+        ({"format": "lightgbm", "schema": "{bad"}, 400, "field 'schema' is not valid JSON"),
         ({}, 422, "format"),
     ],
 )
@@ -101,9 +106,10 @@ def test_moving_an_alias_to_a_missing_version_is_404(
     make_settings: Callable[..., Any],
     server_factory: Callable[[Any], LiveServer],
 ) -> None:
-    server = server_factory(make_settings())
+    settings = make_settings()
+    register(settings, "calc", write_python_model(tmp_path), "python")
+    server = server_factory(settings)
     with httpx.Client(base_url=server.url, timeout=10) as http:
-        assert upload(http, "calc", write_python_model(tmp_path)).status_code == 201
         response = http.put("/admin/models/calc/aliases/champion", json={"version": 5})
         assert response.status_code == 404
         assert "no version 5" in response.json()["error"]
@@ -117,7 +123,7 @@ def test_keys_guard_admin_and_predictions_when_configured(
     make_settings: Callable[..., Any],
     server_factory: Callable[[Any], LiveServer],
 ) -> None:
-    settings = make_settings(auth={"admin_key": "adm-key", "client_keys": ["cli-key"]})
+    settings = make_settings(auth={**CODE_UPLOADS, "client_keys": ["cli-key"]})
     server = server_factory(settings)
     admin = {"authorization": "Bearer adm-key"}
     client = {"x-api-key": "cli-key"}
@@ -155,8 +161,11 @@ def test_admin_and_predictions_are_open_in_the_embedded_default(
     make_settings: Callable[..., Any],
     server_factory: Callable[[Any], LiveServer],
 ) -> None:
-    server = server_factory(make_settings())
+    """Open to loopback clients: the admin API without a key, predictions too."""
+    settings = make_settings()
+    register(settings, "calc", write_python_model(tmp_path), "python")
+    server = server_factory(settings)
     with httpx.Client(base_url=server.url, timeout=10) as http:
-        assert upload(http, "calc", write_python_model(tmp_path)).status_code == 201
+        assert http.get("/admin/models").json()["models"][0]["name"] == "calc"
         predict = {"instances": [ROW]}
         assert http.post("/v1/models/calc:predict", json=predict).status_code == 200

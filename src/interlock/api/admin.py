@@ -1,8 +1,15 @@
 """The admin API: register models, move aliases, inspect the registry.
 
 Every route needs the admin key when one is configured (``auth.admin_key``), sent as
-``Authorization: Bearer <key>`` or ``x-api-key``. Moving an alias answers once this
+``Authorization: Bearer <key>`` or ``x-api-key``; without one, the admin API answers
+loopback clients only (:mod:`interlock.api.guard`). Moving an alias answers once this
 node serves the new version; other nodes follow within ``serving.alias_refresh_s``.
+
+Registering an artifact that runs code when it is loaded (the ``python`` format, or
+``trust`` for a pickle) is refused (403) unless an admin key is configured *and*
+``auth.allow_code_uploads`` is on: otherwise anyone who can reach the admin API could
+run code in the server. The CLI, run by the operator on their own machine, is not bound
+by this rule.
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from pydantic import BaseModel, Field
 
+from interlock._core.formats import ModelFormat
 from interlock._core.schema import FeatureSchema
 from interlock.api.predict import check_key
 from interlock.errors import MalformedInputError
@@ -24,7 +32,7 @@ from interlock.registry import Registry, describe_model, describe_version
 from interlock.serving.models import ModelManager
 from interlock.serving.shadow import ShadowRunner
 
-__all__ = ["build_admin_router"]
+__all__ = ["build_admin_router", "check_code_upload"]
 
 
 class _AliasMove(BaseModel):
@@ -40,6 +48,28 @@ def _json_field(name: str, raw: str | None) -> Any:
         raise MalformedInputError(f"field {name!r} is not valid JSON: {exc}") from None
 
 
+def check_code_upload(
+    fmt: str, trust: bool, *, admin_key_set: bool, allow_code_uploads: bool
+) -> None:
+    """Refuse (403) an upload that runs code unless the admin key and the setting allow it."""
+    if fmt != ModelFormat.PYTHON.value and not trust:
+        return
+    missing = []
+    if not admin_key_set:
+        missing.append("auth.admin_key (INTERLOCK_AUTH__ADMIN_KEY)")
+    if not allow_code_uploads:
+        missing.append("auth.allow_code_uploads = true (INTERLOCK_AUTH__ALLOW_CODE_UPLOADS)")
+    if not missing:
+        return
+    what = "a python artifact" if fmt == ModelFormat.PYTHON.value else "a trusted artifact"
+    raise HTTPException(
+        403,
+        f"registering {what} runs its code in the server, so the admin API needs an admin "
+        f"key and code uploads enabled: set {' and '.join(missing)}, or register it with "
+        "'interlock models register' on the server's machine",
+    )
+
+
 def _save_upload(upload: UploadFile, directory: Path) -> Path:
     name = Path(upload.filename or "artifact").name or "artifact"
     target = directory / name
@@ -53,6 +83,8 @@ def build_admin_router(
     manager: ModelManager,
     shadow: ShadowRunner,
     admin_keys: tuple[bytes, ...],
+    *,
+    allow_code_uploads: bool = False,
 ) -> APIRouter:
     async def admin(request: Request) -> None:
         check_key(dict(request.scope["headers"]), admin_keys)
@@ -84,8 +116,16 @@ def build_admin_router(
         ] = None,
         metrics: Annotated[str | None, Form(description="a JSON object of numbers")] = None,
         tags: Annotated[str | None, Form(description="a JSON object of strings")] = None,
-        trust: Annotated[bool, Form(description="allow a pickle artifact")] = False,
+        trust: Annotated[
+            bool, Form(description="allow a pickle artifact (it runs code when loaded)")
+        ] = False,
     ) -> dict[str, Any]:
+        check_code_upload(
+            format,
+            trust,
+            admin_key_set=bool(admin_keys),
+            allow_code_uploads=allow_code_uploads,
+        )
         raw_schema = _json_field("schema", feature_schema)
         try:
             parsed = FeatureSchema.from_list(raw_schema) if raw_schema is not None else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shlex
 from typing import Annotated, Any
 
@@ -18,6 +19,8 @@ from interlock.settings import Settings
 
 __all__ = ["demo", "run_server", "serve"]
 
+log = logging.getLogger("interlock")
+
 HostOption = Annotated[str | None, typer.Option(help="Address to listen on.")]
 PortOption = Annotated[int | None, typer.Option(help="Port to listen on.")]
 
@@ -31,6 +34,7 @@ def run_server(settings: Settings) -> None:
     """Serve until interrupted: uvloop and httptools, the app's own logs."""
     configure_logging(settings.log.level, settings.log.json_lines)
     share_the_gil(settings)
+    _say_who_may_administer(settings)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.server.host,
@@ -42,6 +46,19 @@ def run_server(settings: Settings) -> None:
         timeout_graceful_shutdown=10,
     )
     uvicorn.Server(config).run()
+
+
+def _say_who_may_administer(settings: Settings) -> None:
+    """One line when the admin API has no key: it then answers loopback clients only."""
+    if settings.auth.admin_key is not None:
+        return
+    code = (
+        "; code uploads stay refused until one is set" if settings.auth.allow_code_uploads else ""
+    )
+    log.warning(
+        "the admin API is open to loopback clients only because no admin key is set "
+        "(set auth.admin_key to reach it from elsewhere)" + code
+    )
 
 
 def serve(ctx: typer.Context, host: HostOption = None, port: PortOption = None) -> None:
