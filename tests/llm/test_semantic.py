@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
@@ -76,13 +77,20 @@ _LOCAL_INSTALLED = all(
 )
 
 
-@pytest.mark.skipif(_LOCAL_INSTALLED, reason="interlock[semantic] is installed")
-def test_without_the_extra_the_local_embedder_says_what_to_install() -> None:
+def test_without_the_extra_the_local_embedder_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # None in sys.modules makes the package unimportable (find_spec answers None), as
+    # without the extra, whether or not this machine has it.
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)
     with pytest.raises(ConfigError, match=r"pip install 'interlock\[semantic\]'"):
         LocalEmbedder()
 
 
-@pytest.mark.skipif(not _LOCAL_INSTALLED, reason="needs the optional extra interlock[semantic]")
+@pytest.mark.semantic  # make test-semantic installs the extra and runs these
+@pytest.mark.skipif(
+    not _LOCAL_INSTALLED, reason="needs the optional extra interlock[semantic]: make test-semantic"
+)
 async def test_the_local_embedder_puts_paraphrases_close_and_other_questions_far() -> None:
     rows = await LocalEmbedder().embed(
         [

@@ -1,0 +1,86 @@
+"""CI cannot pass by skipping: the services script fails loudly, a skip under ``CI=true``
+is a failure, and no ``INTERLOCK_*`` variable of the caller's shell reaches a test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import _free_port, require_binary
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _pytest(test: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """This module's ``test`` run by pytest in a process of its own, with ``env`` added."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{test}"],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_services_script_fails_naming_each_service_that_does_not_answer() -> None:
+    ports = {name: _free_port() for name in ("POSTGRES", "REDIS", "NATS")}
+    env = {
+        **os.environ,
+        "INTERLOCK_TEST_POSTGRES_URL": f"postgresql+psycopg://u:secret@127.0.0.1:{ports['POSTGRES']}/t",
+        "INTERLOCK_TEST_REDIS_URL": f"redis://127.0.0.1:{ports['REDIS']}/0",
+        "INTERLOCK_TEST_NATS_URL": f"nats://127.0.0.1:{ports['NATS']}",
+    }
+    result = subprocess.run(
+        [require_binary("bash"), str(REPO / "scripts" / "services.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    for service, name in (("PostgreSQL", "POSTGRES"), ("Redis", "REDIS"), ("NATS", "NATS")):
+        expected = (
+            f"services: {service} is not answering at 127.0.0.1:{ports[name]} "
+            f"(INTERLOCK_TEST_{name}_URL); start it there or unset INTERLOCK_TEST_{name}_URL"
+        )
+        assert expected in lines
+    assert "secret" not in result.stderr
+
+
+def test_a_probe_that_skips_when_asked() -> None:
+    """Passes in the suite; the test below runs it asking it to skip."""
+    if os.environ.get("CI_PROBE_SKIP") == "1":
+        pytest.skip("asked to skip")
+
+
+def test_under_ci_a_skip_is_a_failure() -> None:
+    on_a_laptop = _pytest("test_a_probe_that_skips_when_asked", CI="false", CI_PROBE_SKIP="1")
+    in_ci = _pytest("test_a_probe_that_skips_when_asked", CI="true", CI_PROBE_SKIP="1")
+
+    assert on_a_laptop.returncode == 0, on_a_laptop.stdout
+    assert "1 skipped" in on_a_laptop.stdout
+    assert in_ci.returncode == 1, in_ci.stdout
+    assert "skipped under CI=true, which runs every test: asked to skip" in in_ci.stdout
+    assert "1 failed" in in_ci.stdout
+
+
+def test_a_probe_of_the_environment() -> None:
+    """No ``INTERLOCK_*`` variable here, whatever the shell that started pytest had."""
+    assert sorted(name for name in os.environ if name.startswith("INTERLOCK_")) == []
+
+
+def test_the_shell_s_interlock_variables_do_not_reach_a_test() -> None:
+    result = _pytest(
+        "test_a_probe_of_the_environment",
+        INTERLOCK_HOME="/nonexistent",
+        INTERLOCK_CACHE__URL="redis://127.0.0.1:1/0",
+    )
+    assert result.returncode == 0, result.stdout
