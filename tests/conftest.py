@@ -59,6 +59,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Any:
+    """The same for a whole module skipped while collected (``pytest.importorskip``)."""
+    report = yield
+    if IN_CI and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        reason = str(reason).removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which runs every test: {reason}"
+    return report
+
+
 def unavailable(message: str) -> NoReturn:
     """Skip the test on a developer's machine; under ``CI=true``, fail it."""
     if IN_CI:
