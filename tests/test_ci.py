@@ -100,3 +100,30 @@ def test_the_shell_s_interlock_variables_do_not_reach_a_test() -> None:
         INTERLOCK_CACHE__URL="redis://127.0.0.1:1/0",
     )
     assert result.returncode == 0, result.stdout
+
+
+def test_every_service_url_comes_from_its_interlock_test_variable() -> None:
+    env = {
+        **os.environ,
+        "INTERLOCK_TEST_NATS_URL": "nats://127.0.0.1:14222",
+        "INTERLOCK_TEST_REDIS_URL": "redis://127.0.0.1:16379/0",
+        "INTERLOCK_TEST_KAFKA_URL": "kafka://127.0.0.1:19092",
+    }
+    code = (
+        "import tests.bus.conftest as b, tests.bus.test_nats as n, tests.conftest as c, "
+        "tests.events.test_worker_backends as w\n"
+        "print(c.NATS_URL, n.NATS_URL, w.NATS_URL, c.REDIS_URL, w.REDIS_URL, b.KAFKA_URL)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [env["INTERLOCK_TEST_NATS_URL"]] * 3 + [
+        env["INTERLOCK_TEST_REDIS_URL"]
+    ] * 2 + [env["INTERLOCK_TEST_KAFKA_URL"]]
