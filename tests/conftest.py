@@ -2,17 +2,25 @@
 
 A test that needs a service asks for its fixture. When the service does not answer,
 the test is skipped on a developer's machine and fails under ``CI=true``: CI never
-passes by skipping silently.
+passes by skipping. Under ``CI=true`` every skip, whatever raised it, is reported as a
+failure (:func:`pytest_runtest_makereport`).
+
+The services' URLs come from ``INTERLOCK_TEST_POSTGRES_URL``, ``INTERLOCK_TEST_REDIS_URL``,
+``INTERLOCK_TEST_NATS_URL`` and ``INTERLOCK_TEST_KAFKA_URL`` (see tests/bus/conftest.py),
+read once when the tests are collected. Each test then runs with no ``INTERLOCK_*``
+variable in its environment (:func:`_no_interlock_environment`): a setting a test needs,
+it sets itself.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import pytest
@@ -21,6 +29,61 @@ POSTGRES_URL = os.environ.get(
     "INTERLOCK_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 REDIS_URL = os.environ.get("INTERLOCK_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+NATS_URL = os.environ.get("INTERLOCK_TEST_NATS_URL", "nats://127.0.0.1:4222")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "semantic: needs the interlock[semantic] extra (run by make test-semantic)"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_interlock_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``INTERLOCK_*`` variable of the caller's shell reaches a test's settings."""
+    for name in list(os.environ):
+        if name.startswith("INTERLOCK_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Under ``CI=true`` a skipped test is a failed one: CI never passes by skipping."""
+    report = yield
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        reason = str(reason).removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which runs every test: {reason}"
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Any:
+    """The same for a whole module skipped while collected (``pytest.importorskip``)."""
+    report = yield
+    if IN_CI and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        reason = str(reason).removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which runs every test: {reason}"
+    return report
+
+
+def unavailable(message: str) -> NoReturn:
+    """Skip the test on a developer's machine; under ``CI=true``, fail it."""
+    if IN_CI:
+        pytest.fail(f"{message}; CI needs every service and tool (see scripts/services.sh)")
+    pytest.skip(message)
+
+
+def require_binary(name: str) -> str:
+    """The path of program ``name``; skip without it, or fail under ``CI=true``."""
+    path = shutil.which(name)
+    if path is None:
+        unavailable(f"{name} is not installed")
+    return path
 
 
 def _answers(url: str) -> bool:
@@ -34,12 +97,8 @@ def _answers(url: str) -> bool:
 
 def require_service(name: str, url: str) -> None:
     """Skip (or, under CI=true, fail) when the service at ``url`` does not answer."""
-    if _answers(url):
-        return
-    message = f"{name} is not answering at {url}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{message}; CI needs every service (see scripts/services.sh)")
-    pytest.skip(message)
+    if not _answers(url):
+        unavailable(f"{name} is not answering at {url}")
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ the prediction cache (in memory and in the real Redis), and load shedding."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,7 +25,14 @@ from tests.api.traffic_support import (
     predict,
     put_traffic,
 )
-from tests.conftest import REDIS_URL, LiveServer, _free_port, require_service
+from tests.conftest import (
+    REDIS_URL,
+    LiveServer,
+    _answers,
+    _free_port,
+    require_binary,
+    require_service,
+)
 
 
 def _count(path: Path) -> int:
@@ -195,10 +202,7 @@ def test_cache_hits_skip_the_model(
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[tuple[str, Callable[[], None]]]:
     """A redis-server of the test's own, on a free port, that the test may kill."""
-    require_service("Redis", REDIS_URL)
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed") if False else pytest.skip("no redis-server")
+    binary = require_binary("redis-server")
     port = _free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -206,12 +210,11 @@ def private_redis(tmp_path: Path) -> Iterator[tuple[str, Callable[[], None]]]:
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(500):
-        try:
-            with __import__("socket").create_connection(("127.0.0.1", port), 0.1):
-                break
-        except OSError:
-            asyncio.run(asyncio.sleep(0.01))
+    deadline = time.monotonic() + 30
+    while not _answers(url):
+        assert proc.poll() is None, f"redis-server exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"redis-server did not answer on port {port}"
+        time.sleep(0.01)
 
     def kill() -> None:
         proc.kill()

@@ -22,6 +22,7 @@ import pytest
 from tests.conftest import require_service
 
 START_TIMEOUT_S = 20.0
+KAFKA_URL = os.environ.get("INTERLOCK_TEST_KAFKA_URL")  # read before the tests clear INTERLOCK_*
 
 
 def _unavailable(message: str) -> None:
@@ -48,7 +49,7 @@ def _accepts(port: int) -> bool:
 @pytest.fixture(scope="session")
 def kafka_url() -> Iterator[str]:
     """``kafka://127.0.0.1:PORT`` of a tansu broker with memory storage, for the session."""
-    own = os.environ.get("INTERLOCK_TEST_KAFKA_URL")
+    own = KAFKA_URL
     if own:
         require_service("Kafka", own.replace("kafka://", "tcp://", 1).split(",")[0])
         yield own

@@ -4,7 +4,6 @@ one stream per topic, redelivery after ack_wait (counted), naks on close, consum
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -17,9 +16,8 @@ from interlock.bus import EventBus, open_bus
 from interlock.bus.nats import KEY_HEADER, NatsBus, servers, stream_name
 from interlock.errors import ConfigError
 from tests.bus.contract import BusBackend, BusContract, drain, eventually, unique_name
-from tests.conftest import require_service
+from tests.conftest import NATS_URL, require_service
 
-NATS_URL = os.environ.get("INTERLOCK_TEST_NATS_URL", "nats://127.0.0.1:4222")
 ACK_WAIT_S = 1.0
 
 

@@ -28,12 +28,11 @@ from interlock.bus import open_bus
 from interlock.bus.envelope import read_dead_letter
 from tests.api.support import register, write_python_model
 from tests.bus.conftest import kafka_url
-from tests.conftest import REDIS_URL, _free_port, require_service
+from tests.conftest import NATS_URL, REDIS_URL, _free_port, require_service
 from tests.events.test_worker import COUNTED, predicted_xs
 
 __all__ = ["kafka_url"]  # a fixture
 
-NATS_URL = "nats://127.0.0.1:4222"
 N = 2000
 
 
@@ -43,7 +42,7 @@ def bus_url(request: pytest.FixtureRequest) -> str:
     if request.param == "redis":
         return REDIS_URL
     if request.param == "nats":
-        require_service("NATS", NATS_URL.replace("nats://", "http://"))
+        require_service("NATS", NATS_URL)
         return NATS_URL
     url: str = request.getfixturevalue("kafka_url")
     return url

@@ -22,7 +22,7 @@ from interlock.llm.limits import Limit, RedisLimiter
 async def main(url: str, prefix: str, name: str, rpm: int, attempts: int) -> dict[str, int]:
     limit = Limit(name, rpm=rpm)
     async with (
-        redis.asyncio.Redis.from_url(url) as control,
+        redis.asyncio.Redis.from_url(url, socket_timeout=90) as control,  # BLPOP waits 60 s
         RedisLimiter(url, key_prefix=prefix, timeout_s=30.0) as limiter,
     ):
 

@@ -295,6 +295,29 @@ async def test_a_stored_answer_is_served_fresh(make_cache: MakeCache, size: int)
     assert cache.stats.hits == 1
 
 
+async def test_a_staged_answer_hits_until_its_write_is_done(
+    make_cache: MakeCache, clock: ManualClock
+) -> None:
+    cache = make_cache()
+    body = chat(QUESTION)
+    key = cache.key(body, scope=SCOPE)
+    assert key is not None
+    older, newer = completion("Paris (older)."), completion("Paris.")
+
+    cache.stage(key, older)
+    staged = await cache.get(key, body, scope=SCOPE)
+    cache.stage(key, newer)  # a second answer to the same question, before the first write
+    await cache.put(key, body, older, scope=SCOPE)  # the older write does not end the newer
+    clock.advance(TTL_S)
+    assert await cache.get(key, body, scope=SCOPE) is None  # past its TTL, staged or not
+    await cache.put(key, body, newer, scope=SCOPE)
+
+    assert staged is not None and staged.completion == older
+    assert not cache._writing  # nothing left pending once the writes are done
+    stale = await cache.get_stale(key)
+    assert stale is not None and stale.completion == newer and stale.age_s == TTL_S
+
+
 async def test_an_unknown_request_is_a_miss(make_cache: MakeCache) -> None:
     cache = make_cache()
     key = cache.key(chat(QUESTION), scope=SCOPE)

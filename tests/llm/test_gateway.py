@@ -140,3 +140,24 @@ async def test_logs_hold_no_prompt_and_no_key(
     text = caplog.text + str(caught.value)
     assert "sk-very-secret" not in text
     assert "confidential" not in text
+
+
+async def test_an_answer_repeated_at_once_is_a_cache_hit(
+    tmp_path: Path, fake: FakeUpstream
+) -> None:
+    """What a client may rely on: once it has the answer, the same call hits the cache.
+
+    The store itself is written behind the answer; the second call here runs without
+    giving the loop a turn in between, so it can only hit through the pending write.
+    """
+    async with _gateway(tmp_path, fake) as gateway:
+        first = await gateway.chat(_body("at once", temperature=0))
+        again = await gateway.chat(_body("at once", temperature=0))
+        streamed = await gateway.stream(_body("streamed", temperature=0))
+        _ = [piece async for piece in streamed]
+        after_stream = await gateway.chat(_body("streamed", temperature=0))
+    assert first.info.cache == "miss"
+    assert again.info.cache == "hit"
+    assert again.completion == first.completion
+    assert after_stream.info.cache == "hit"
+    assert len(fake.requests("d1")) + len(fake.requests("d2")) == 2  # one per question

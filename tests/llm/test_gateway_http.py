@@ -321,7 +321,7 @@ def test_cache_control_no_store_and_no_cache(serve: Any, fake: FakeUpstream) -> 
 def test_a_cached_answer_replays_as_a_stream(serve: Any, fake: FakeUpstream) -> None:
     server = serve()
     sdk = client(server.url)
-    chat(sdk, "one two three")
+    chat(sdk, "one two three")  # answered: the same call now hits, at once, on this node
     raw = _stream(sdk)
     chunks = list(raw.parse())
     assert raw.headers["x-interlock-cache"] == "hit"

@@ -520,9 +520,11 @@ async def test_a_stream_that_stalls_times_out_after_the_chunks_that_came(
 async def test_a_stream_timeout_bounds_each_wait_not_the_whole_stream(
     fake: FakeUpstream, make: MakeProvider, dep: str, provider: str
 ) -> None:
-    fake.script(dep, Fault(chunk_delay_ms=60))  # 6+ gaps of 60 ms: longer than 0.25 s in all
+    # 6+ gaps of 300 ms: longer than 1.5 s in all, and each gap 1.2 s inside the bound, so
+    # that a loaded machine's stalls do not end the stream.
+    fake.script(dep, Fault(chunk_delay_ms=300))
 
-    chunks = await collect(make(dep, provider).stream_chat(HELLO, timeout_s=0.25))
+    chunks = await collect(make(dep, provider).stream_chat(HELLO, timeout_s=1.5))
 
     assert content(chunks) == "echo: hello world"
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
 import redis.asyncio
 
 from interlock.errors import ConfigError
+from interlock.llm import open_gateway
 from interlock.llm.semantic import (
     EXACT_MAX_FLOATS,
     CallableEmbedder,
@@ -22,8 +25,13 @@ from interlock.llm.semantic import (
     Vectors,
     normalise,
 )
+from interlock.settings import load_settings
 from tests.clock import ManualClock
 from tests.conftest import REDIS_URL, require_service
+from tests.llm.support import fake, llm_config, upstream
+from tests.llm.upstream import FakeUpstream
+
+__all__ = ["fake", "upstream"]  # fixtures
 
 DIMS = 384
 rng = np.random.default_rng(7)
@@ -76,13 +84,20 @@ _LOCAL_INSTALLED = all(
 )
 
 
-@pytest.mark.skipif(_LOCAL_INSTALLED, reason="interlock[semantic] is installed")
-def test_without_the_extra_the_local_embedder_says_what_to_install() -> None:
+def test_without_the_extra_the_local_embedder_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # None in sys.modules makes the package unimportable (find_spec answers None), as
+    # without the extra, whether or not this machine has it.
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)
     with pytest.raises(ConfigError, match=r"pip install 'interlock\[semantic\]'"):
         LocalEmbedder()
 
 
-@pytest.mark.skipif(not _LOCAL_INSTALLED, reason="needs the optional extra interlock[semantic]")
+@pytest.mark.semantic  # make test-semantic installs the extra and runs these
+@pytest.mark.skipif(
+    not _LOCAL_INSTALLED, reason="needs the optional extra interlock[semantic]: make test-semantic"
+)
 async def test_the_local_embedder_puts_paraphrases_close_and_other_questions_far() -> None:
     rows = await LocalEmbedder().embed(
         [
@@ -285,3 +300,28 @@ async def test_an_unreachable_redis_fails_open() -> None:
         finally:
             await log.aclose()
     assert index.size("s") == 0
+
+
+@pytest.mark.semantic
+@pytest.mark.skipif(
+    not _LOCAL_INSTALLED, reason="needs the optional extra interlock[semantic]: make test-semantic"
+)
+async def test_a_gateway_without_an_embeddings_model_answers_paraphrases_locally(
+    tmp_path: Path, fake: FakeUpstream
+) -> None:
+    """What interlock[semantic] promises: no ``semantic_embeddings`` set, the local model."""
+    gpt = {"name": "gpt", "deployments": ["d1"], "semantic_cache": True, "semantic_threshold": 0.8}
+    settings = load_settings(None, home=tmp_path / "home", llm=llm_config(fake, models=[gpt]))
+
+    async with open_gateway(settings) as gateway:
+        first = await gateway.chat(_ask("What is the capital of France?"))
+        again = await gateway.chat(_ask("Which city is the capital of France?"))
+        other = await gateway.chat(_ask("How do I bake sourdough bread?"))
+
+    assert (first.info.cache, again.info.cache, other.info.cache) == ("miss", "semantic", "miss")
+    assert again.completion == first.completion
+    assert len(fake.requests("d1")) == 2
+
+
+def _ask(text: str) -> dict[str, object]:
+    return {"model": "gpt", "temperature": 0, "messages": [{"role": "user", "content": text}]}

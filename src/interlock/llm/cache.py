@@ -108,6 +108,8 @@ COMPRESS_MIN_BYTES = 1024
 SEMANTIC_TRIES = 3
 """Nearest entries tried per semantic lookup when the nearest one's answer is gone."""
 PENDING_VECTORS = 1024
+PENDING_WRITES = 4096
+"""Answers handed to :meth:`LLMCache.stage` whose write has not finished, at most."""
 WARNING_INTERVAL_S = 10.0
 
 _HEADER = struct.Struct(">Bd")  # format, creation time (unix seconds)
@@ -199,6 +201,7 @@ class LLMCache:
         self.stats = LLMCacheStats()
         self._clock = clock
         self._pending: OrderedDict[bytes, Vectors] = OrderedDict()  # key -> its question's
+        self._writing: dict[bytes, tuple[dict[str, Any], float]] = {}  # key -> (answer, made)
         self._warned_at = -math.inf
 
     def __repr__(self) -> str:
@@ -249,6 +252,8 @@ class LLMCache:
             return None
         (value,) = await self.store.get_many([key])
         answer = self._answer(value, similarity=None)
+        if answer is None or answer.stale:
+            answer = self._staged(key)
         if answer is not None and not answer.stale:
             self.stats.hits += 1
             return answer
@@ -322,7 +327,30 @@ class LLMCache:
             return None
         return CachedAnswer(completion, age_s >= self.settings.ttl_s, similarity, age_s)
 
+    def _staged(self, key: bytes) -> CachedAnswer | None:
+        staged = self._writing.get(key)
+        if staged is None:
+            return None
+        completion, created = staged
+        age_s = max(0.0, self._clock.now().timestamp() - created)
+        return CachedAnswer(completion, age_s >= self.settings.ttl_s, None, age_s)
+
     # -- writes ----------------------------------------------------------------------
+
+    def stage(self, key: bytes, completion: dict[str, Any]) -> None:
+        """Make ``completion`` the answer for ``key`` now; :meth:`put` stores it later.
+
+        The gateway answers first and writes the store behind the answer (a loop turn or
+        a Redis round trip later). A client that got its answer and repeats the call must
+        hit all the same: until the write is done, :meth:`get` also finds the answer here.
+        The cost is one dict insert per answer and one dict lookup per store miss. Other
+        nodes see the answer once it is in the shared store.
+        """
+        writing = self._writing
+        writing.pop(key, None)  # the newest answer last, so the oldest goes first
+        writing[key] = (completion, self._clock.now().timestamp())
+        if len(writing) > PENDING_WRITES:
+            del writing[next(iter(writing))]
 
     async def put(
         self,
@@ -333,9 +361,22 @@ class LLMCache:
         scope: str,
         semantic: bool = False,
     ) -> None:
-        """Store ``completion`` under ``key`` and, if ``semantic``, index its question."""
-        value = _encode(completion, self._clock.now().timestamp())
-        await self.store.set_many([(key, value)], self.settings.ttl_s + self.settings.stale_ttl_s)
+        """Store ``completion`` under ``key`` and, if ``semantic``, index its question.
+
+        A :meth:`stage` of the same answer is over once the store has it (or failed to).
+        """
+        staged = self._writing.get(key)
+        if staged is not None and staged[0] is not completion:
+            staged = None  # a newer answer was staged since: it stays
+        created = self._clock.now().timestamp() if staged is None else staged[1]
+        try:
+            value = _encode(completion, created)
+            await self.store.set_many(
+                [(key, value)], self.settings.ttl_s + self.settings.stale_ttl_s
+            )
+        finally:
+            if staged is not None and self._writing.get(key) is staged:
+                del self._writing[key]
         self.stats.stores += 1
         vector = self._pending.pop(key, None)
         embedder = self.embedder

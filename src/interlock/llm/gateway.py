@@ -366,7 +366,13 @@ class Gateway:
     def _store_later(
         self, key: bytes, body: dict[str, Any], completion: dict[str, Any], admission: _Admission
     ) -> None:
-        """Store behind the answer: one task per loop turn for every answer of that turn."""
+        """Store behind the answer: one task per loop turn for every answer of that turn.
+
+        The answer is staged in the cache first, so the same call made as soon as this
+        one is answered hits (the store has it a loop turn later).
+        """
+        if self._cache is not None:
+            self._cache.stage(key, completion)
         if not self._puts:
             asyncio.get_running_loop().call_soon(self._flush_puts)
         self._puts.append((key, body, completion, admission))
