@@ -230,3 +230,27 @@ def test_a_v2_input_with_an_unknown_name_is_400_naming_it(
     error = response.json()["error"]
     assert "'features'" in error
     assert "'input'" in error  # what to send instead
+
+
+@pytest.mark.parametrize("version", ["³", "١"])  # str.isdigit() holds for both
+def test_a_version_of_unicode_digits_is_404_not_500(client: httpx.Client, version: str) -> None:
+    body = {"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 3], "data": [1, 2, 3]}]}
+    responses = [
+        v2(client, body, f"/v2/models/calc/versions/{version}/infer"),
+        client.get(f"/v2/models/calc/versions/{version}"),
+        client.get(f"/v2/models/calc/versions/{version}/ready"),
+    ]
+    for response in responses:
+        assert response.status_code == 404, response.text
+        assert "not a version number" in response.json()["error"]
+
+
+def test_a_reference_to_a_version_of_unicode_digits_is_refused_not_a_500(
+    client: httpx.Client,
+) -> None:
+    for response in (
+        v1(client, {"instances": [ROW]}, model="calc:³"),
+        client.get("/v1/models/calc:³"),
+    ):
+        assert 400 <= response.status_code < 500, response.text
+        assert "invalid model reference 'calc:³'" in response.json()["error"]

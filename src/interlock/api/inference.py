@@ -50,7 +50,7 @@ def _metadata(loaded: LoadedModel, versions: list[int]) -> dict[str, Any]:
 def _version(text: str | None) -> int | None:
     if text is None:
         return None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ModelNotFoundError(f"version {text!r} is not a version number")
     return int(text)
 

@@ -172,7 +172,7 @@ class PredictionApp:
             body = await read_body(receive, headers, self._max_body)
             version = None
             if version_text is not None:
-                if not version_text.isdigit():
+                if not (version_text.isascii() and version_text.isdigit()):
                     raise ModelNotFoundError(f"version {version_text!r} is not a version number")
                 version = int(version_text)
             route_key = headers.get(b"x-interlock-route-key")

@@ -55,7 +55,7 @@ def parse_ref(ref: str, version: int | None) -> tuple[str, str | None, int | Non
         return name, alias, None
     name, colon, number = ref.partition(":")
     if colon:
-        if not number.isdigit() or not name:
+        if not (number.isascii() and number.isdigit()) or not name:
             raise RegistryError(f"invalid model reference {ref!r}: {usage}")
         if version is not None and version != int(number):
             raise RegistryError(f"{ref!r} names a version; do not also give version {version}")
