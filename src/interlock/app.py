@@ -24,6 +24,7 @@ from interlock.api.admin import build_admin_router
 from interlock.api.errors import status_for
 from interlock.api.inference import build_inference_router
 from interlock.api.llm import LLMApp
+from interlock.api.openapi import install_openapi
 from interlock.api.predict import ASGIApp, PredictionApp
 from interlock.api.traffic import build_traffic_router
 from interlock.bus import bus_options, open_bus
@@ -269,6 +270,12 @@ def create_app(settings: Settings, components: Components | None = None) -> ASGI
     )
     api.include_router(build_admin_router(parts.registry, parts.manager, parts.shadow, admin_keys))
     api.include_router(build_traffic_router(parts.policies, parts.router.refresh, admin_keys))
+    install_openapi(
+        api,
+        client_auth=bool(client_keys),
+        llm_models=[m.name for m in settings.llm.models] if parts.gateway is not None else None,
+        llm_auth=bool(settings.llm.tenants),
+    )
     inner: ASGIApp = api
     if parts.gateway is not None:
 
