@@ -254,3 +254,17 @@ def test_a_reference_to_a_version_of_unicode_digits_is_refused_not_a_500(
     ):
         assert 400 <= response.status_code < 500, response.text
         assert "invalid model reference 'calc:³'" in response.json()["error"]
+
+
+def test_a_version_beyond_any_database_integer_is_404_not_500(client: httpx.Client) -> None:
+    huge = "9" * 30
+    body = {"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 3], "data": [1, 2, 3]}]}
+    responses = [
+        v2(client, body, f"/v2/models/calc/versions/{huge}/infer"),
+        v1(client, {"instances": [ROW]}, model=f"calc:{huge}"),
+        client.get(f"/v2/models/calc/versions/{huge}"),
+        client.get(f"/v1/models/calc:{huge}"),
+    ]
+    for response in responses:
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]

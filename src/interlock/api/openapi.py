@@ -262,8 +262,13 @@ def _ref(name: str) -> dict[str, str]:
 
 
 def _header(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "in": "header", "required": False, "description": description,
-            "schema": schema}  # fmt: skip
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
 
 
 _REQUEST_ID = _header(
@@ -318,6 +323,7 @@ _PREDICT_ERRORS: dict[str, tuple[str, dict[str, Any]]] = {
     "401": ("a client key is required or is not valid (when client keys are configured)",
             {**_RID_OUT, "www-authenticate": _out_header("Bearer")}),
     "404": ("no such model, alias or version", _RID_OUT),
+    "409": ("the model reference is not NAME, NAME@ALIAS or NAME:VERSION", _RID_OUT),
     "413": ("the body is over server.max_body_bytes", _RID_OUT),
     "422": ("a feature is missing, extra or of the wrong type; the message names row and "
             "feature", _RID_OUT),

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from interlock._core.formats import ModelFormat
 from interlock._core.schema import Feature, FeatureSchema, FeatureType
-from interlock.errors import ModelFormatError, RegistryError
+from interlock.errors import ModelFormatError, ModelNotFoundError, RegistryError
 from interlock.registry.records import LATEST
 
 __all__ = [
@@ -29,6 +29,7 @@ _NAME_RULE = (
     " ('@' and ':' are reserved for references)"
 )
 _NUMERIC = {FeatureType.FLOAT, FeatureType.INT, FeatureType.BOOL}
+_MAX_VERSION = 2**63 - 1  # the database's BIGINT: a larger number cannot be looked up
 
 
 def check_name(name: str) -> None:
@@ -60,6 +61,8 @@ def parse_ref(ref: str, version: int | None) -> tuple[str, str | None, int | Non
         if version is not None and version != int(number):
             raise RegistryError(f"{ref!r} names a version; do not also give version {version}")
         version = int(number)
+    if version is not None and version > _MAX_VERSION:
+        raise ModelNotFoundError(f"model {name!r} has no version {version}")
     return name, None, version
 
 
