@@ -8,8 +8,10 @@ of it. Any OpenAI SDK works with ``base_url=http://HOST:PORT/llm/v1``:
   usage in the last chunk before ``[DONE]``),
 - ``POST /llm/v1/embeddings``, ``GET /llm/v1/models``,
 - ``GET /llm/v1/usage`` (``?since=&until=&tenant=&model=``: an ISO date or time, or an
-  age like ``24h``): totals and breakdowns; a tenant sees its own, the admin key (or an
-  open gateway) everything.
+  age like ``24h``): totals and breakdowns; a tenant sees its own (asking for another
+  tenant's is 403), the admin key (or an open gateway) everything.
+
+Another method on one of these routes is 405 with ``allow``.
 
 Every answer carries ``x-interlock-deployment``, ``x-interlock-attempts``,
 ``x-interlock-cache`` (hit, semantic, miss, stale, coalesced, off) and
@@ -73,10 +75,10 @@ UsageReader = Callable[..., Awaitable[dict[str, Any]]]
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
     403: "permission_error",
+    404: "not_found_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     502: "upstream_error",
