@@ -264,6 +264,7 @@ def test_a_version_beyond_any_database_integer_is_404_not_500(client: httpx.Clie
         v1(client, {"instances": [ROW]}, model=f"calc:{huge}"),
         client.get(f"/v2/models/calc/versions/{huge}"),
         client.get(f"/v1/models/calc:{huge}"),
+        client.put("/admin/models/calc/aliases/blue", json={"version": int(huge)}),
     ]
     for response in responses:
         assert response.status_code == 404, response.text

@@ -15,6 +15,7 @@ from interlock.registry.records import LATEST
 __all__ = [
     "check_alias",
     "check_name",
+    "check_version",
     "clean_metrics",
     "clean_tags",
     "decide_schema",
@@ -61,9 +62,15 @@ def parse_ref(ref: str, version: int | None) -> tuple[str, str | None, int | Non
         if version is not None and version != int(number):
             raise RegistryError(f"{ref!r} names a version; do not also give version {version}")
         version = int(number)
-    if version is not None and version > _MAX_VERSION:
-        raise ModelNotFoundError(f"model {name!r} has no version {version}")
+    if version is not None:
+        check_version(name, version)
     return name, None, version
+
+
+def check_version(name: str, version: int) -> None:
+    """ModelNotFoundError for a number no version can have (the database cannot hold it)."""
+    if version > _MAX_VERSION:
+        raise ModelNotFoundError(f"model {name!r} has no version {version}")
 
 
 def parse_format(fmt: str) -> ModelFormat:
