@@ -25,6 +25,7 @@ from interlock.api.errors import status_for, validation_error
 from interlock.api.guard import AdminGuard
 from interlock.api.inference import build_inference_router
 from interlock.api.llm import LLMApp
+from interlock.api.openapi import install_openapi
 from interlock.api.predict import ASGIApp, PredictionApp
 from interlock.api.request_ids import RequestIds
 from interlock.api.traffic import build_traffic_router
@@ -295,6 +296,12 @@ def create_app(settings: Settings, components: Components | None = None) -> ASGI
         )
     )
     api.include_router(build_traffic_router(parts.policies, parts.router.refresh, admin_keys))
+    install_openapi(
+        api,
+        client_auth=bool(client_keys),
+        llm_models=[m.name for m in settings.llm.models] if parts.gateway is not None else None,
+        llm_auth=bool(settings.llm.tenants),
+    )
     # Browser and loopback checks before any admin route; a request id on every answer.
     inner: ASGIApp = RequestIds(AdminGuard(api, open_admin=not admin_keys))
     if parts.gateway is not None:

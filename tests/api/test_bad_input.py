@@ -125,7 +125,7 @@ def v2(http: httpx.Client, body: Any, path: str = "/v2/models/calc/infer") -> ht
 
 
 def test_v2_good_request_for_reference(client: httpx.Client) -> None:
-    body = {"inputs": [{"name": "x", "datatype": "FP64", "shape": [1, 3], "data": [1, 2, 0.5]}]}
+    body = {"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 3], "data": [1, 2, 0.5]}]}
     response = v2(client, body)
     assert response.status_code == 200, response.text
     assert response.json()["outputs"] == [
@@ -137,22 +137,22 @@ def test_v2_good_request_for_reference(client: httpx.Client) -> None:
     ("body", "status", "message"),
     [
         ({"inputs": []}, 400, "'inputs' must be a non-empty list"),
-        ({"inputs": [{"name": "x", "datatype": "FP99", "shape": [1, 3], "data": [1, 2, 3]}]},
+        ({"inputs": [{"name": "input", "datatype": "FP99", "shape": [1, 3], "data": [1, 2, 3]}]},
          400, "unsupported datatype 'FP99'"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2]}]},
+        ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2]}]},
          400, "needs 3 values, got 2"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]},
+        ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]},
          422, "does not match [N, 3]"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": ["a", 2, 3]}]},
+        ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": ["a", 2, 3]}]},
          422, "does not hold FP32 values"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": "1,3", "data": [1, 2, 3]}]},
+        ({"inputs": [{"name": "input", "datatype": "FP32", "shape": "1,3", "data": [1, 2, 3]}]},
          400, "'shape' must be a list"),
         ({"inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [1]},
                      {"name": "b", "datatype": "INT64", "shape": [1], "data": [1]}]},
          422, "input for feature 'c' is missing"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2.5, 3]}]},
+        ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2.5, 3]}]},
          422, "feature 'b' must be an integer"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}],
+        ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}],
           "outputs": [{"name": "scores"}]},
          400, "unknown output 'scores'"),
     ],
@@ -164,7 +164,7 @@ def test_v2_bad_requests(client: httpx.Client, body: Any, status: int, message: 
 
 
 def test_v2_unknown_version_is_404(client: httpx.Client) -> None:
-    body = {"inputs": [{"name": "x", "datatype": "FP64", "shape": [1, 3], "data": [1, 2, 3]}]}
+    body = {"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 3], "data": [1, 2, 3]}]}
     assert v2(client, body, "/v2/models/calc/versions/9/infer").status_code == 404
     assert v2(client, body, "/v2/models/calc/versions/x/infer").status_code == 404
 
@@ -177,10 +177,10 @@ def test_v2_unknown_version_is_404(client: httpx.Client) -> None:
         b'{"instances": [{"a": 1e999, "b": 2, "c": 1}]}',
         b'{"instances": [[]]}',
         b'{"instances": [null]}',
-        b'{"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1, 3], "data": [1, 2, 3]}]}',
-        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3], "data": [1, 2, 3]}]}',
+        b'{"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1, 3], "data": [1, 2, 3]}]}',
+        b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3], "data": [1, 2, 3]}]}',
         b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [[1, [2]], 3]}]}',
-        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3],'
+        b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3],'
         b' "parameters": {"binary_data_size": 12}}]}',
         b'{"inputs": [null]}',
         b'{"inputs": [{"name": "b", "datatype": "FP32", "shape": [1, 1, 1], "data": [1]},'
@@ -193,3 +193,79 @@ def test_nothing_a_client_sends_yields_a_500(client: httpx.Client, raw: bytes, p
     response = client.post(path, content=raw, headers={"content-type": "application/json"})
     assert 400 <= response.status_code < 500, response.text
     assert response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/models/calc:predict", "/v2/models/calc/infer", "/v2/models/calc/versions/1/infer"]
+)
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+def test_another_method_on_a_prediction_route_is_405_allowing_post(
+    client: httpx.Client, path: str, method: str
+) -> None:
+    response = client.request(method, path)
+    assert response.status_code == 405, response.text
+    assert response.headers["allow"] == "POST"
+    assert method in response.json()["error"]
+    assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        [{"name": "features", "datatype": "FP64", "shape": [1, 3], "data": [1, 2, 0.5]}],
+        [
+            {"name": "a", "datatype": "FP64", "shape": [1], "data": [1]},
+            {"name": "b", "datatype": "INT64", "shape": [1], "data": [2]},
+            {"name": "c", "datatype": "FP64", "shape": [1], "data": [0.5]},
+            {"name": "features", "datatype": "FP64", "shape": [1], "data": [0]},
+        ],
+    ],
+    ids=["matrix", "per-feature"],
+)
+def test_a_v2_input_with_an_unknown_name_is_400_naming_it(
+    client: httpx.Client, inputs: list[dict[str, Any]]
+) -> None:
+    response = v2(client, {"inputs": inputs})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "'features'" in error
+    assert "'input'" in error  # what to send instead
+
+
+@pytest.mark.parametrize("version", ["³", "١"])  # str.isdigit() holds for both
+def test_a_version_of_unicode_digits_is_404_not_500(client: httpx.Client, version: str) -> None:
+    body = {"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 3], "data": [1, 2, 3]}]}
+    responses = [
+        v2(client, body, f"/v2/models/calc/versions/{version}/infer"),
+        client.get(f"/v2/models/calc/versions/{version}"),
+        client.get(f"/v2/models/calc/versions/{version}/ready"),
+    ]
+    for response in responses:
+        assert response.status_code == 404, response.text
+        assert "not a version number" in response.json()["error"]
+
+
+def test_a_reference_to_a_version_of_unicode_digits_is_refused_not_a_500(
+    client: httpx.Client,
+) -> None:
+    for response in (
+        v1(client, {"instances": [ROW]}, model="calc:³"),
+        client.get("/v1/models/calc:³"),
+    ):
+        assert 400 <= response.status_code < 500, response.text
+        assert "invalid model reference 'calc:³'" in response.json()["error"]
+
+
+def test_a_version_beyond_any_database_integer_is_404_not_500(client: httpx.Client) -> None:
+    huge = "9" * 30
+    body = {"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 3], "data": [1, 2, 3]}]}
+    responses = [
+        v2(client, body, f"/v2/models/calc/versions/{huge}/infer"),
+        v1(client, {"instances": [ROW]}, model=f"calc:{huge}"),
+        client.get(f"/v2/models/calc/versions/{huge}"),
+        client.get(f"/v1/models/calc:{huge}"),
+        client.put("/admin/models/calc/aliases/blue", json={"version": int(huge)}),
+    ]
+    for response in responses:
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]

@@ -64,6 +64,15 @@ def test_a_body_without_messages_is_a_400_naming_the_field(serve: Any) -> None:
     assert "messages" in response.json()["error"]["message"]
 
 
+def test_another_method_on_an_llm_route_is_405_naming_the_one_allowed(serve: Any) -> None:
+    server = serve()
+    response = httpx.get(f"{server.url}/llm/v1/chat/completions")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert "GET" in response.json()["error"]["message"]
+    assert httpx.post(f"{server.url}/llm/v1/nowhere").status_code == 404
+
+
 def test_embeddings_through_the_gateway(serve: Any) -> None:
     server = serve()
     result = client(server.url).embeddings.create(model="gpt", input=["a b c", "a b c"])
@@ -452,6 +461,30 @@ def test_usage_reports_tokens_cost_and_cache_savings(
     assert mine["total_cost_usd"] == pytest.approx(0.005 + 0.006)
     assert mine["saved_cost_usd"] == pytest.approx(0.011)
     assert set(mine["by_tenant"]) == {"dash"}
+
+
+def test_a_tenant_asking_for_another_tenants_usage_is_refused(
+    serve: Any, tenant_keys: dict[str, str]
+) -> None:
+    server = serve(tenants=_tenants())
+    chat(client(server.url, tenant_keys["batch"]), "gamma")
+    dash = {"authorization": f"Bearer {tenant_keys['dash']}"}
+    response = httpx.get(f"{server.url}/llm/v1/usage?tenant=batch", headers=dash)
+    assert response.status_code == 403, response.text
+    assert "tenant" in response.json()["error"]["message"]
+    own = httpx.get(f"{server.url}/llm/v1/usage?tenant=dash", headers=dash)
+    assert own.status_code == 200  # naming oneself is allowed
+
+
+def test_usage_names_the_deployment_that_refused_a_request(serve: Any, fake: FakeUpstream) -> None:
+    server = serve()
+    fake.script("d1", Fault(status=400, error_body={"error": {"message": "context too long"}}))
+    with pytest.raises(openai.BadRequestError):
+        chat(client(server.url))
+    usage = httpx.get(f"{server.url}/llm/v1/usage").json()
+    assert usage["errors"] == 1
+    assert set(usage["by_deployment"]) == {"d1"}
+    assert usage["by_deployment"]["d1"]["errors"] == 1
 
 
 # -- Anthropic behind the OpenAI shape, and what /metrics shows --------------------------------

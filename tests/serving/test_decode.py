@@ -96,7 +96,7 @@ def test_row_models_get_the_rows_they_were_sent() -> None:
 def test_one_matrix_tensor_or_one_tensor_per_feature() -> None:
     decoder = Decoder(SCHEMA, takes_rows=False)
     data = np.array([[1.0, 2.0, 1.0, 0.0], [3.0, 4.0, 0.0, 1.0]], dtype=np.float32)
-    whole, n = decoder.tensors([Tensor("input-0", "FP32", (2, 4), data)])
+    whole, n = decoder.tensors([Tensor("input", "FP32", (2, 4), data)])
     assert n == 2
     per_feature, _ = decoder.tensors(
         [
@@ -112,13 +112,13 @@ def test_one_matrix_tensor_or_one_tensor_per_feature() -> None:
 @pytest.mark.parametrize(
     ("tensors", "message"),
     [
-        ([Tensor("x", "FP32", (2, 3), np.zeros((2, 3)))], "shape [2, 3] does not match [N, 4]"),
+        ([Tensor("input", "FP32", (2, 3), np.zeros((2, 3)))], "shape [2, 3] does not match [N, 4]"),
         (
-            [Tensor("x", "FP32", (1, 4), np.array([[1.0, 2.5, 1.0, 0.0]]))],
+            [Tensor("input", "FP32", (1, 4), np.array([[1.0, 2.5, 1.0, 0.0]]))],
             "row 0: feature 'count' must be an integer",
         ),
         (
-            [Tensor("x", "FP32", (1, 4), np.array([[1.0, 2.0, 3.0, 0.0]]))],
+            [Tensor("input", "FP32", (1, 4), np.array([[1.0, 2.0, 3.0, 0.0]]))],
             "row 0: feature 'foreign' must be 0 or 1",
         ),
         (

@@ -18,6 +18,7 @@ from interlock import __version__
 from interlock.api.predict import check_key
 from interlock.errors import ModelNotFoundError
 from interlock.monitoring.metrics import ServingMetrics
+from interlock.serving.decode import MATRIX_INPUT
 from interlock.serving.models import LoadedModel, ModelManager
 
 __all__ = ["build_inference_router"]
@@ -29,7 +30,7 @@ def _metadata(loaded: LoadedModel, versions: list[int]) -> dict[str, Any]:
     schema = loaded.version.schema
     inputs: list[dict[str, Any]] = []
     if schema is not None:
-        inputs.append({"name": "input", "datatype": "FP64", "shape": [-1, len(schema)]})
+        inputs.append({"name": MATRIX_INPUT, "datatype": "FP64", "shape": [-1, len(schema)]})
         inputs.extend(
             {"name": f.name, "datatype": _V2_DATATYPE[f.type.value], "shape": [-1]}
             for f in schema.features
@@ -51,7 +52,7 @@ def _metadata(loaded: LoadedModel, versions: list[int]) -> dict[str, Any]:
 def _version(text: str | None) -> int | None:
     if text is None:
         return None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ModelNotFoundError(f"version {text!r} is not a version number")
     return int(text)
 

@@ -8,8 +8,10 @@ of it. Any OpenAI SDK works with ``base_url=http://HOST:PORT/llm/v1``:
   usage in the last chunk before ``[DONE]``),
 - ``POST /llm/v1/embeddings``, ``GET /llm/v1/models``,
 - ``GET /llm/v1/usage`` (``?since=&until=&tenant=&model=``: an ISO date or time, or an
-  age like ``24h``): totals and breakdowns; a tenant sees its own, the admin key (or an
-  open gateway) everything.
+  age like ``24h``): totals and breakdowns; a tenant sees its own (asking for another
+  tenant's is 403), the admin key (or an open gateway) everything.
+
+Another method on one of these routes is 405 with ``allow``.
 
 Every answer carries ``x-interlock-deployment``, ``x-interlock-attempts``,
 ``x-interlock-cache`` (hit, semantic, miss, stale, coalesced, off) and
@@ -65,12 +67,17 @@ _JSON = (b"content-type", b"application/json")
 _SSE = (b"content-type", b"text/event-stream")
 _DONE = b"data: [DONE]\n\n"
 
+# The routes, and the one method each takes.
+_METHODS = {"chat/completions": "POST", "embeddings": "POST", "models": "GET", "usage": "GET"}
+
 UsageReader = Callable[..., Awaitable[dict[str, Any]]]
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
@@ -120,6 +127,10 @@ class LLMApp:
                 await _respond(send, 200, orjson.dumps(body), [(b"x-request-id", rid.encode())])
             elif method == "GET" and route == "usage":
                 await self._usage_route(scope, headers, send, rid)
+            elif route in _METHODS:
+                allow = [(b"allow", _METHODS[route].encode())]
+                message = f"{method} is not allowed on {path}; use {_METHODS[route]}"
+                await _error(send, 405, message, rid, extra=allow)
             else:
                 await _error(send, 404, f"no route {method} {path}", rid)
         except InterlockError as exc:
@@ -174,6 +185,11 @@ class LLMApp:
         if not self._is_admin(headers):
             tenant = self._tenant(headers)
             if tenant is not None:
+                asked = args.get("tenant")
+                if asked is not None and asked != tenant.name:
+                    message = f"tenant: a tenant key reads its own usage only ({tenant.name!r})"
+                    await _error(send, 403, message, rid, code="permission_denied")
+                    return
                 args["tenant"] = tenant.name  # a tenant sees its own usage only
         await self._gateway.flush_usage()
         summary = await self._usage(**args)

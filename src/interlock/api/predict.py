@@ -129,15 +129,21 @@ class PredictionApp:
         self._keys = client_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http":
             path: str = scope["path"]
             if path.startswith("/v1/models/") and path.endswith(":predict"):
-                await self._serve(scope, receive, send, "v1", path[11:-8], None)
+                if scope["method"] == "POST":
+                    await self._serve(scope, receive, send, "v1", path[11:-8], None)
+                else:
+                    await _not_allowed(scope, send)
                 return
             if path.startswith("/v2/models/") and path.endswith("/infer"):
                 match = _V2_PATH.match(path)
                 if match is not None:
-                    await self._serve(scope, receive, send, "v2", match[1], match[2])
+                    if scope["method"] == "POST":
+                        await self._serve(scope, receive, send, "v2", match[1], match[2])
+                    else:
+                        await _not_allowed(scope, send)
                     return
         await self._fallback(scope, receive, send)
 
@@ -166,7 +172,7 @@ class PredictionApp:
             body = await read_body(receive, headers, self._max_body)
             version = None
             if version_text is not None:
-                if not version_text.isdigit():
+                if not (version_text.isascii() and version_text.isdigit()):
                     raise ModelNotFoundError(f"version {version_text!r} is not a version number")
                 version = int(version_text)
             route_key = headers.get(b"x-interlock-route-key")
@@ -292,3 +298,21 @@ class PredictionApp:
             ],
             answer,
         )
+
+
+async def _not_allowed(scope: Scope, send: Send) -> None:
+    """405 for another method on a prediction route: they take POST only."""
+    rid_raw = dict(scope["headers"]).get(b"x-request-id", b"")
+    rid = rid_raw.decode("latin-1")
+    if not _REQUEST_ID_OK.match(rid):
+        rid = new_request_id()
+    message = f"{scope['method']} is not allowed on {scope['path']}; predictions take POST"
+    payload = orjson.dumps({"error": message})
+    headers = [
+        _JSON,
+        (b"content-length", str(len(payload)).encode()),
+        (b"allow", b"POST"),
+        (b"x-request-id", rid.encode()),
+    ]
+    await send({"type": "http.response.start", "status": 405, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})

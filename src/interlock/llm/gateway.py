@@ -702,6 +702,7 @@ class Gateway:
                     result = await self._try_deployment(state, body, deadline, info, call)
                 except UpstreamError as exc:
                     if not exc.transient and exc.status not in _DEPLOYMENT_FAULT:
+                        info.deployment = state.name  # it answered: usage names it
                         raise  # the request itself is wrong: another deployment won't help
                     last = exc
                     if exc.retry_after_s:

@@ -9,12 +9,13 @@ from dataclasses import replace
 
 from interlock._core.formats import ModelFormat
 from interlock._core.schema import Feature, FeatureSchema, FeatureType
-from interlock.errors import ModelFormatError, RegistryError
+from interlock.errors import ModelFormatError, ModelNotFoundError, RegistryError
 from interlock.registry.records import LATEST
 
 __all__ = [
     "check_alias",
     "check_name",
+    "check_version",
     "clean_metrics",
     "clean_tags",
     "decide_schema",
@@ -29,6 +30,7 @@ _NAME_RULE = (
     " ('@' and ':' are reserved for references)"
 )
 _NUMERIC = {FeatureType.FLOAT, FeatureType.INT, FeatureType.BOOL}
+_MAX_VERSION = 2**63 - 1  # the database's BIGINT: a larger number cannot be looked up
 
 
 def check_name(name: str) -> None:
@@ -55,12 +57,20 @@ def parse_ref(ref: str, version: int | None) -> tuple[str, str | None, int | Non
         return name, alias, None
     name, colon, number = ref.partition(":")
     if colon:
-        if not number.isdigit() or not name:
+        if not (number.isascii() and number.isdigit()) or not name:
             raise RegistryError(f"invalid model reference {ref!r}: {usage}")
         if version is not None and version != int(number):
             raise RegistryError(f"{ref!r} names a version; do not also give version {version}")
         version = int(number)
+    if version is not None:
+        check_version(name, version)
     return name, None, version
+
+
+def check_version(name: str, version: int) -> None:
+    """ModelNotFoundError for a number no version can have (the database cannot hold it)."""
+    if version > _MAX_VERSION:
+        raise ModelNotFoundError(f"model {name!r} has no version {version}")
 
 
 def parse_format(fmt: str) -> ModelFormat:

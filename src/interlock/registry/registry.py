@@ -229,6 +229,7 @@ class Registry:
     async def set_alias(self, name: str, alias: str, version: int) -> None:
         """Point ``alias`` at ``version``, creating or moving it atomically."""
         _rules.check_alias(alias)
+        _rules.check_version(name, version)
         now = self._clock.now().astimezone(UTC)
 
         def update(conn: Connection) -> None:

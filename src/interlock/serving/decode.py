@@ -20,7 +20,10 @@ import numpy.typing as npt
 from interlock._core.schema import FeatureSchema, FeatureType
 from interlock.errors import FeatureError, MalformedInputError
 
-__all__ = ["Decoder", "Tensor"]
+__all__ = ["MATRIX_INPUT", "Decoder", "Tensor"]
+
+MATRIX_INPUT = "input"
+"""The name of the one ``[N, F]`` V2 input tensor (the model metadata lists it first)."""
 
 _NAN = math.nan
 _NUMERIC_KINDS = {"f": "float", "i": "int", "u": "int", "b": "bool"}
@@ -288,6 +291,8 @@ class Decoder:
                 "this model has no feature schema; send rows to /v1/models/{name}:predict"
             )
         if len(inputs) == 1 and inputs[0].name not in self._name_set:
+            if inputs[0].name != MATRIX_INPUT:
+                raise self._unknown_input(inputs[0].name)
             matrix = self._matrix_tensor(inputs[0])
         else:
             matrix = self._feature_tensors(inputs)
@@ -298,6 +303,12 @@ class Decoder:
             rows = [self._row_from_codes(values) for values in matrix.tolist()]
             return rows, len(rows)
         return matrix, matrix.shape[0]
+
+    def _unknown_input(self, name: str) -> MalformedInputError:
+        return MalformedInputError(
+            f"unknown input {name!r}: send one [N, {len(self._names)}] tensor named "
+            f"{MATRIX_INPUT!r}, or one tensor per feature: {', '.join(self._names)}"
+        )
 
     def _matrix_tensor(self, tensor: Tensor) -> npt.NDArray[np.float64]:
         width = len(self._names)
@@ -322,10 +333,7 @@ class Decoder:
         by_name: dict[str, Tensor] = {}
         for tensor in inputs:
             if tensor.name not in self._name_set:
-                raise FeatureError(
-                    f"unexpected input {tensor.name!r}; the model takes: {', '.join(self._names)}",
-                    feature=tensor.name,
-                )
+                raise self._unknown_input(tensor.name)
             if tensor.name in by_name:
                 raise FeatureError(f"input {tensor.name!r} is given twice", feature=tensor.name)
             by_name[tensor.name] = tensor
