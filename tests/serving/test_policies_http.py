@@ -120,6 +120,10 @@ async def test_put_get_canary_and_delete(http: httpx.AsyncClient, refreshes: Ref
         ("PUT", URL, {"weights": {"1": 50, "9": 50}}, 422, "version 9 does not exist"),
         ("PUT", URL, {"weights": {"1": -1, "2": 1}}, 422, "weight for version 1 must be ≥ 0"),
         ("PUT", URL, {"weights": {"one": 1}}, 422, None),
+        ("PUT", URL, {"weights": {str(10**20): 1}}, 422, f"version {10**20} does not exist"),
+        ("PUT", URL, {"weights": {"1": 10**30}}, 422, "weight for version 1 must be ≤ 1000000"),
+        ("PUT", URL, {"weights": {"1": 1}, "shadow": 10**20}, 422, None),
+        ("POST", f"{URL}/canary", {"version": 10**20, "unguarded": True}, 422, None),
         ("PUT", URL, {"weights": {"1": 1}, "extra": True}, 422, None),
         ("PUT", "/admin/models/nope/traffic", {"weights": {"1": 1}}, 404, "no model named"),
         (

@@ -42,6 +42,7 @@ __all__ = [
 JSONValue: TypeAlias = "str | int | float | bool | list[JSONValue] | dict[str, JSONValue] | None"
 
 _U52 = 2.0**-52
+MAX_WEIGHT = 1_000_000  # weights are relative; a bound keeps sums and hashing in range
 _T = TypeVar("_T")
 _Route: TypeAlias = "tuple[hashlib.blake2b, float, int]"  # seeded hash, 1/weight, version
 
@@ -162,6 +163,7 @@ class TrafficPolicy:
         for version, weight in self.weights.items():
             _version(version, "a weighted version")
             _check((_is_int(weight) and weight >= 0, f"weight for version {version} must be ≥ 0"))
+            _check((weight <= MAX_WEIGHT, f"weight for version {version} must be ≤ {MAX_WEIGHT}"))
         weights = dict(sorted(self.weights.items()))
         object.__setattr__(self, "weights", weights)
         canary, shadow = self.canary, self.shadow
