@@ -226,3 +226,52 @@ def test_a_wrong_redis_password_exits_at_once_in_one_line(
         assert "wrong-one" not in lines[0]  # no secret in the line
     finally:
         _stop(redis)
+
+
+def _nats_server(port: int, directory: Path) -> subprocess.Popen[bytes]:
+    binary = shutil.which("nats-server")
+    if binary is None:
+        pytest.skip("no nats-server binary to run a NATS of the test's own")
+    return subprocess.Popen(
+        [binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize("bus_url", ["nats"], indirect=True)
+def test_a_worker_waits_for_nats_down_at_start_and_through_a_restart(
+    setup: tuple[dict[str, str], Path, str], tmp_path: Path, own_port: int
+) -> None:
+    env, _log, _shared = setup
+    url = f"nats://127.0.0.1:{own_port}"
+    env = {**env, "INTERLOCK_BUS_URL": url}
+    requests, completed = (
+        env["INTERLOCK_BUS__REQUESTS_TOPIC"],
+        env["INTERLOCK_BUS__COMPLETED_TOPIC"],
+    )
+    worker = Worker(env, tmp_path, tmp_path / "worker.log")
+    server: subprocess.Popen[bytes] | None = None
+    try:
+        worker.wait_metrics()
+        _wait_for(lambda: "cannot connect to NATS" in worker.output(), "the warning", worker)
+        server = _nats_server(own_port, tmp_path / "nats")
+        _wait_for(lambda: accepts(own_port), "NATS", worker, 30)
+        tag = uuid.uuid4().hex[:6]
+        asyncio.run(_publish(url, requests, [_request(tag, i) for i in range(50)]))
+        _answered(url, completed, {f"{tag}-{i}" for i in range(50)}, worker)
+        warnings = [line for line in worker.output().splitlines() if "NATS" in line]
+        assert len(warnings) == 1, warnings  # one line for the whole outage, with its cause
+        assert "Connect call failed" in warnings[0] or "refused" in warnings[0].lower()
+
+        _stop(server)  # a restart under the running worker (the streams are on disk)
+        _wait_for(lambda: "disconnected" in worker.output(), "the disconnection", worker)
+        server = _nats_server(own_port, tmp_path / "nats")
+        _wait_for(lambda: accepts(own_port), "NATS again", worker, 30)
+        asyncio.run(_publish(url, requests, [_request(tag, i) for i in range(50, 100)]))
+        answers = _answered(url, completed, {f"{tag}-{i}" for i in range(100)}, worker)
+        assert len(answers) == 100
+    finally:
+        worker.stop()
+        if server is not None:
+            _stop(server)
