@@ -5,6 +5,7 @@ handed over on a rebalance or a crash, lag from offsets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -479,9 +480,11 @@ async def test_lag_counts_every_partition_and_batches_fully(
 async def test_a_broker_that_never_answers_gives_a_bus_error_with_a_cause() -> None:
     """A timed-out start used to give ``cannot … at host:port: `` (an empty cause)."""
 
+    writers: list[asyncio.StreamWriter] = []
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
         await reader.read()  # accept, never answer
-        writer.close()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -497,3 +500,7 @@ async def test_a_broker_that_never_answers_gives_a_bus_error_with_a_cause() -> N
         await bus.aclose()
         server.close()
         await server.wait_closed()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
