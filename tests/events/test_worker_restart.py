@@ -275,3 +275,36 @@ def test_a_worker_waits_for_nats_down_at_start_and_through_a_restart(
         worker.stop()
         if server is not None:
             _stop(server)
+
+
+@pytest.mark.parametrize("bus_url", ["nats"], indirect=True)
+def test_refused_nats_credentials_exit_at_once_in_one_line(
+    setup: tuple[dict[str, str], Path, str], tmp_path: Path, own_port: int
+) -> None:
+    env, _log, _shared = setup
+    binary = shutil.which("nats-server")
+    if binary is None:
+        pytest.skip("no nats-server binary to run a NATS of the test's own")
+    server = subprocess.Popen(
+        [binary, "-js", "-a", "127.0.0.1", "-p", str(own_port), "-sd", str(tmp_path / "nats"),
+         "--user", "worker", "--pass", "right-one"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not accepts(own_port):
+            assert time.monotonic() < deadline, "NATS did not start"
+            time.sleep(0.05)
+        env = {**env, "INTERLOCK_BUS_URL": f"nats://worker:wrong-one@127.0.0.1:{own_port}"}
+        worker = Worker(env, tmp_path, tmp_path / "worker.log")
+        try:
+            assert worker.proc.wait(timeout=60) == 1
+        finally:
+            worker.stop()
+        lines = worker.output().strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("error: ") and "credentials" in lines[0]
+        assert "wrong-one" not in lines[0]
+    finally:
+        _stop(server)

@@ -213,11 +213,13 @@ class NatsBus:
             cause = self._last_error or exc
             with contextlib.suppress(*_FAILURES):
                 await nc.close()
-            if isinstance(cause, nats.errors.AuthorizationError):
+            if _refused_credentials(cause):
                 raise ConfigError(
                     f"NATS at {mask_url(self.url)} refused the credentials: {describe(cause)}"
                 ) from exc
-            raise BusError(f"cannot connect to NATS at {self!r}: {describe(cause)}") from exc
+            raise BusError(
+                f"cannot connect to NATS at {mask_url(self.url)}: {describe(cause)}"
+            ) from exc
         finally:
             self._connecting = False
         nc.options["max_reconnect_attempts"] = -1  # connected: reconnect forever from here
@@ -246,7 +248,9 @@ class NatsBus:
         try:
             await self._nc.flush(timeout=max(1, round(self.timeout_s)))
         except _FAILURES as exc:
-            raise BusError(f"cannot flush to NATS at {self!r}: {describe(exc)}") from exc
+            raise BusError(
+                f"cannot flush to NATS at {mask_url(self.url)}: {describe(exc)}"
+            ) from exc
 
     async def ensure_stream(self, topic: str) -> str:
         """The name of ``topic``'s stream, created with this bus's settings if missing."""
@@ -488,6 +492,14 @@ class NatsSubscription:
             await self._bus.flush()
         except (*_FAILURES, BusError) as exc:
             logger.info("nats group %s: close was not clean (%s)", self.group, describe(exc))
+
+
+def _refused_credentials(exc: BaseException) -> bool:
+    """Whether the server refused who we said we are (raised as a plain error at connect)."""
+    if isinstance(exc, nats.errors.AuthorizationError | nats.errors.InvalidUserCredentialsError):
+        return True
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text
 
 
 def _headers(key: bytes | None, headers: dict[str, str] | None) -> dict[str, str] | None:
