@@ -22,6 +22,12 @@ CPUs scattered and 0.21 sticky, and one hop's p99 went from 16 ms to 9 ms.
 
 A subscription is an ``AIOKafkaConsumer`` in the group, with auto-commit off and
 ``auto_offset_reset="earliest"``: a new group starts at the beginning of the topic.
+:meth:`KafkaBus.subscribe` connects (a broker that cannot be reached is a
+:class:`~interlock.bus.BusError`, for the caller to retry) and then joins the group in
+the background, where aiokafka retries the join, a coordinator that moved and a
+rebalance as long as they take; it waits up to ``timeout_s`` for the first assignment
+and then returns anyway, logging once that the join goes on (a member that died keeps
+its place until its session times out) and once when it is done.
 :meth:`KafkaSubscription.fetch` is ``getmany``. Offsets are committed by
 :meth:`KafkaSubscription.ack` only, and never past a message that is not acknowledged:
 per partition the subscription keeps the offsets it handed out, in order, and commits
@@ -99,7 +105,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from interlock.bus import BusError
 from interlock.bus.base import Message
-from interlock.bus.retry import describe
+from interlock.bus.retry import Backoff, describe
 from interlock.errors import ConfigError
 from interlock.settings import BusSettings, mask_url
 
@@ -489,6 +495,7 @@ class KafkaSubscription:
         self._commit_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None  # the commit due within the interval
         self._closed = False
+        self._committing = Backoff(f"kafka group {group}: committing offsets", logger)
         self._joined = asyncio.Event()  # set by the first assignment (even an empty one)
         self._join_started = time.monotonic()
         self._join_warned = False
@@ -585,8 +592,10 @@ class KafkaSubscription:
         try:
             await self._commit()
         except BusError as exc:
-            logger.warning("kafka group %s: %s; trying again", self.group, describe(exc))
+            self._committing.failed(exc)  # one warning per outage, not one per interval
             self._commit_soon()
+        else:
+            self._committing.succeeded()
 
     async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         """Commit every partition whose commit point moved; one request, one at a time.
