@@ -10,7 +10,7 @@ import random
 import pytest
 
 from interlock.bus import BusError
-from interlock.bus.retry import Backoff, describe
+from interlock.bus.retry import Backoff, describe, quiet_repeats
 
 
 class _SilentError(Exception):
@@ -65,3 +65,17 @@ async def test_a_wait_ends_when_stop_is_set() -> None:
     async with asyncio.timeout(10):  # a bound on a hang, not a measure
         await backoff.wait(BusError("down"), stop)
     assert backoff.failures == 1
+
+
+def test_a_librarys_repeated_lines_come_through_once(caplog: pytest.LogCaptureFixture) -> None:
+    quiet_repeats("interlock_test_lib")
+    noisy = logging.getLogger("interlock_test_lib.conn")
+    quiet_repeats("interlock_test_lib")  # made after the first call: filtered from now on
+    with caplog.at_level(logging.WARNING, "interlock_test_lib"):
+        for attempt in range(20):
+            noisy.error("Unable connect to node with id %s: %s", 1, f"refused #{attempt}")
+        noisy.error("Unable to update metadata from %s", [1])
+    assert [r.getMessage() for r in caplog.records] == [
+        "Unable connect to node with id 1: refused #0",
+        "Unable to update metadata from [1]",
+    ]

@@ -105,7 +105,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from interlock.bus import BusError
 from interlock.bus.base import Message
-from interlock.bus.retry import Backoff, describe
+from interlock.bus.retry import Backoff, describe, quiet_repeats
 from interlock.errors import ConfigError
 from interlock.settings import BusSettings, mask_url
 
@@ -213,6 +213,7 @@ class KafkaBus:
         self._subscriptions: set[KafkaSubscription] = set()
         self._sticky = random.randrange(1 << 16)  # noqa: S311 - spreading load, not secrets
         self._closed = False
+        quiet_repeats("aiokafka")  # it logs every failed attempt while a broker is down
 
     def __repr__(self) -> str:
         return f"KafkaBus({mask_url(self.url)!r})"

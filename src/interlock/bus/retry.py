@@ -2,6 +2,9 @@
 
 - :func:`describe`: the text of an exception for a log line or an error message; never
   empty (``str(TimeoutError())`` is ``""``: it falls back to the class name and repr).
+- :class:`RepeatFilter` and :func:`quiet_repeats`: a client library's own log lines
+  (aiokafka logs every failed connection attempt) let through once per message per
+  ``every_s``, so that an outage is a few lines, not one every 100 ms.
 - :class:`Backoff`: capped exponential backoff with jitter ("equal jitter": attempt *n*
   waits a uniform draw in ``[d/2, d]``, ``d = min(max_s, first_s · 2ⁿ⁻¹)``), and the log
   of one failure streak: a warning with the cause at its first failure, nothing for
@@ -19,7 +22,7 @@ import logging
 import random
 import time
 
-__all__ = ["Backoff", "describe"]
+__all__ = ["Backoff", "RepeatFilter", "describe", "quiet_repeats"]
 
 
 def describe(exc: BaseException) -> str:
@@ -104,3 +107,41 @@ class Backoff:
                 await stop.wait()
         except TimeoutError:
             pass
+
+
+class RepeatFilter(logging.Filter):
+    """Lets each message (by its template and logger) through once per ``every_s``."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._seen: dict[tuple[str, str], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        last = self._seen.get(key)
+        if last is not None and now - last < self.every_s:
+            return False
+        if len(self._seen) > 1000:  # templates are few; this only bounds a surprise
+            self._seen.clear()
+        self._seen[key] = now
+        return True
+
+
+_REPEATS = RepeatFilter()
+
+
+def quiet_repeats(prefix: str) -> None:
+    """Put the shared :class:`RepeatFilter` on every logger under ``prefix`` (once each).
+
+    A filter on a logger sees only what is logged on it, so each existing logger of the
+    library gets one; call this after the library is imported.
+    """
+    names = [
+        n for n in logging.Logger.manager.loggerDict if n == prefix or n.startswith(prefix + ".")
+    ]
+    for name in [prefix, *names]:
+        target = logging.getLogger(name)
+        if _REPEATS not in target.filters:
+            target.addFilter(_REPEATS)
