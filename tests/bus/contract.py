@@ -38,7 +38,8 @@ values round trip; members of one group share the messages, each seen once, and 
 get work; two groups each see every message; the unacknowledged messages of a member
 that closes go to another member (with ``deliveries`` > 1 where the backend counts),
 the acknowledged ones never come back; lag goes up with publishing and down with acks;
-closing twice is harmless.
+closing twice is harmless; a tail (``bus.tail``) gives a topic's newest messages, oldest
+first, and then what is published after them, creating nothing.
 
 ``settle`` is called once every member of a group has subscribed, before anything is
 published: a backend whose membership settles in the background (a Kafka rebalance)
@@ -387,3 +388,44 @@ class BusContract:
         await sub.aclose()
         await sub.aclose()
         assert isinstance(bus.url, str)
+
+    # -- tail -------------------------------------------------------------------------
+
+    async def test_a_tail_gives_the_newest_messages_oldest_first(self, kit: BusKit) -> None:
+        bus = await kit.bus()
+        topic = kit.topic()
+        await bus.publish_many(topic, [(b"k", b"%d" % i) for i in range(5)])
+
+        newest = await bus.tail(topic, last=2)
+        everything = await bus.tail(topic, last=10)
+        try:
+            assert values(newest.backlog) == [b"3", b"4"]
+            assert values(everything.backlog) == [b"0", b"1", b"2", b"3", b"4"]
+        finally:
+            await newest.aclose()
+            await everything.aclose()
+
+    async def test_a_tail_follows_what_is_published_after_it(self, kit: BusKit) -> None:
+        bus = await kit.bus()
+        topic = kit.topic()
+        await bus.publish_many(topic, [(b"k", b"old"), (b"k", b"newest")])
+
+        tail = await bus.tail(topic, last=1)
+        try:
+            await bus.publish_many(topic, [(b"k", b"next"), (b"k", b"after")])
+            assert values(tail.backlog) == [b"newest"]
+            assert values(await drain(tail, 2)) == [b"next", b"after"]  # type: ignore[arg-type]
+        finally:
+            await tail.aclose()
+
+    async def test_a_tail_of_a_missing_topic_is_empty_and_then_follows(self, kit: BusKit) -> None:
+        bus = await kit.bus()
+        topic = kit.topic()
+
+        tail = await bus.tail(topic, last=5)
+        try:
+            assert tail.backlog == []
+            await (await kit.bus()).publish(topic, b"first")
+            assert values(await drain(tail, 1, timeout_s=30)) == [b"first"]  # type: ignore[arg-type]
+        finally:
+            await tail.aclose()

@@ -5,6 +5,7 @@ handed over on a rebalance or a crash, lag from offsets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
-from interlock.bus import EventBus, Message, Subscription, bus_options, open_bus
+from interlock.bus import BusError, EventBus, Message, Subscription, bus_options, open_bus
 from interlock.bus.kafka import STICKY_RUN, KafkaBus, KafkaSubscription, bootstrap_servers
 from interlock.errors import ConfigError
 from interlock.settings import BusSettings
@@ -474,3 +475,32 @@ async def test_lag_counts_every_partition_and_batches_fully(
     assert await sub.lag() == 0
     # Another group's lag is its own.
     await eventually(other.lag, lambda n: n == 100, what="the other group's lag")
+
+
+async def test_a_broker_that_never_answers_gives_a_bus_error_with_a_cause() -> None:
+    """A timed-out start used to give ``cannot … at host:port: `` (an empty cause)."""
+
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.read()  # accept, never answer
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    bus = KafkaBus(f"kafka://127.0.0.1:{port}", timeout_s=0.5)
+    try:
+        with pytest.raises(BusError) as caught:
+            await bus.publish("t", b"x")
+        message = str(caught.value)
+        assert f"127.0.0.1:{port}" in message
+        assert not message.rstrip().endswith(":")
+        assert "timed out" in message
+    finally:
+        await bus.aclose()
+        server.close()
+        await server.wait_closed()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

@@ -49,15 +49,23 @@ def bus_url(request: pytest.FixtureRequest) -> str:
 
 
 class Worker:
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+    """An ``interlock worker`` process; its stderr goes to ``log`` when one is given."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, log: Path | None = None) -> None:
         self.port = _free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "interlock", "worker", "--metrics-port", str(self.port)],
-            env=env,
-            cwd=cwd,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.log = log
+        with open(log, "ab") if log is not None else open(os.devnull, "wb") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "interlock", "worker", "--metrics-port", str(self.port)],
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+
+    def output(self) -> str:
+        """What the worker wrote to stderr so far (its log lines)."""
+        return self.log.read_text(errors="replace") if self.log is not None else ""
 
     def completed(self) -> float:
         """What this worker has published (predicted or recorded), from its metrics."""

@@ -9,6 +9,10 @@
   (:mod:`interlock.bus.nats`, needs ``nats-py``): imported only when their URL is opened.
 - :class:`BusError`: a backend failed (unreachable, timed out, refused); retryable.
 - :mod:`interlock.bus.envelope`: the dead-letter payload.
+- :mod:`interlock.bus.retry`: ``describe`` (error text that is never empty) and
+  ``Backoff`` (capped exponential backoff with jitter, one warning per failure streak).
+- ``bus.tail(topic, last=N)``: a topic's newest messages and what follows, read without
+  a group or a durable consumer (``interlock events tail``).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-__all__ = ["EventBus", "Message", "Subscription"]
+__all__ = ["EventBus", "Message", "Subscription", "Tail"]
 
 
 @dataclass(slots=True)
@@ -66,6 +66,27 @@ class Subscription(Protocol):
         ...
 
 
+class Tail(Protocol):
+    """A reader of a topic's newest messages that leaves nothing behind on the bus.
+
+    No group, no committed offset, no durable consumer: ``interlock events tail``
+    reads with it. ``backlog`` holds the newest messages the topic had when the tail
+    was opened (at most the ``last`` asked for), oldest first; :meth:`fetch` returns
+    what was published after them.
+    """
+
+    backlog: list[Message]
+
+    async def fetch(self, max_messages: int, timeout_s: float) -> list[Message]:
+        """Messages published after the backlog (and the previous fetches), in order;
+        ``[]`` after ``timeout_s`` with none."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the tail holds (connections, an ephemeral consumer)."""
+        ...
+
+
 class EventBus(Protocol):
     """A connection to one bus; an async context manager."""
 
@@ -88,6 +109,11 @@ class EventBus(Protocol):
 
     async def subscribe(self, topic: str, *, group: str, consumer: str) -> Subscription:
         """Join ``group`` on ``topic`` as ``consumer`` (unique per process)."""
+        ...
+
+    async def tail(self, topic: str, *, last: int) -> Tail:
+        """The newest ``last`` messages of ``topic`` and a way to follow it, creating
+        nothing on the bus (no group, no durable consumer, no topic)."""
         ...
 
     async def aclose(self) -> None: ...

@@ -22,6 +22,12 @@ CPUs scattered and 0.21 sticky, and one hop's p99 went from 16 ms to 9 ms.
 
 A subscription is an ``AIOKafkaConsumer`` in the group, with auto-commit off and
 ``auto_offset_reset="earliest"``: a new group starts at the beginning of the topic.
+:meth:`KafkaBus.subscribe` connects (a broker that cannot be reached is a
+:class:`~interlock.bus.BusError`, for the caller to retry) and then joins the group in
+the background, where aiokafka retries the join, a coordinator that moved and a
+rebalance as long as they take; it waits up to ``timeout_s`` for the first assignment
+and then returns anyway, logging once that the join goes on (a member that died keeps
+its place until its session times out) and once when it is done.
 :meth:`KafkaSubscription.fetch` is ``getmany``. Offsets are committed by
 :meth:`KafkaSubscription.ack` only, and never past a message that is not acknowledged:
 per partition the subscription keeps the offsets it handed out, in order, and commits
@@ -76,10 +82,11 @@ import asyncio
 import logging
 import random
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Literal, Self, TypeAlias
+from typing import TYPE_CHECKING, Literal, Self, TypeAlias
 from urllib.parse import urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -98,8 +105,12 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from interlock.bus import BusError
 from interlock.bus.base import Message
+from interlock.bus.retry import Backoff, describe, quiet_repeats
 from interlock.errors import ConfigError
 from interlock.settings import BusSettings, mask_url
+
+if TYPE_CHECKING:
+    from interlock.bus.kafka_tail import KafkaTail
 
 __all__ = ["KafkaBus", "KafkaSubscription", "bootstrap_servers"]
 
@@ -202,6 +213,7 @@ class KafkaBus:
         self._subscriptions: set[KafkaSubscription] = set()
         self._sticky = random.randrange(1 << 16)  # noqa: S311 - spreading load, not secrets
         self._closed = False
+        quiet_repeats("aiokafka")  # it logs every failed attempt while a broker is down
 
     def __repr__(self) -> str:
         return f"KafkaBus({mask_url(self.url)!r})"
@@ -264,7 +276,7 @@ class KafkaBus:
         except (KafkaError, OSError) as exc:
             for client in started:
                 await _quietly_stop(client)
-            raise BusError(f"cannot {what} at {self._servers}: {exc}") from exc
+            raise BusError(f"cannot {what} at {self._servers}: {describe(exc)}") from exc
 
     async def ensure_topic(self, topic: str) -> None:
         """Create ``topic`` unless this bus has seen it; one that exists already is fine."""
@@ -280,7 +292,7 @@ class KafkaBus:
                 async with asyncio.timeout(self.timeout_s):
                     response = await admin.create_topics([new])
             except (KafkaError, OSError) as exc:
-                raise BusError(f"cannot create the Kafka topic {topic!r}: {exc}") from exc
+                raise BusError(f"cannot create the Kafka topic {topic!r}: {describe(exc)}") from exc
             for error in response.topic_errors:
                 code, message = error[1], error[2] if len(error) > 2 else None
                 if code not in (0, TopicAlreadyExistsError.errno):
@@ -308,7 +320,7 @@ class KafkaBus:
             async with asyncio.timeout(self.timeout_s):
                 await producer.send_and_wait(topic, value, key=key, headers=encoded)
         except (KafkaError, OSError) as exc:
-            raise BusError(f"cannot publish to the Kafka topic {topic!r}: {exc}") from exc
+            raise BusError(f"cannot publish to the Kafka topic {topic!r}: {describe(exc)}") from exc
 
     async def publish_many(self, topic: str, items: Sequence[tuple[bytes | None, bytes]]) -> None:
         """Send every record, in batches per partition, then wait for the acknowledgements.
@@ -330,7 +342,7 @@ class KafkaBus:
                 ]
                 await asyncio.gather(*sent)
         except (KafkaError, OSError) as exc:
-            raise BusError(f"cannot publish to the Kafka topic {topic!r}: {exc}") from exc
+            raise BusError(f"cannot publish to the Kafka topic {topic!r}: {describe(exc)}") from exc
 
     async def _by_partition(
         self,
@@ -360,7 +372,17 @@ class KafkaBus:
         return out
 
     async def subscribe(self, topic: str, *, group: str, consumer: str) -> KafkaSubscription:
-        """Join ``group`` on ``topic``; partitions are assigned in the background."""
+        """Join ``group`` on ``topic``; partitions are assigned in the background.
+
+        Waits up to ``timeout_s`` for the first assignment, then returns anyway: a join
+        can take longer (a member that died keeps its place until its session times
+        out), and it goes on in the background, fetches returning nothing meanwhile. The
+        wait is logged once, and so is its end.
+
+        Raises:
+            BusError: the broker cannot be reached (retryable).
+            ConfigError: an invalid topic or group name.
+        """
         _check_name("group", group)
         await self.ensure_topic(topic)
         kafka_consumer = AIOKafkaConsumer(
@@ -376,10 +398,20 @@ class KafkaBus:
             request_timeout_ms=round(self.timeout_s * 1000),
         )
         subscription = KafkaSubscription(self, topic, group, kafka_consumer)
+        # Started before it subscribes, the consumer only connects here; the group is
+        # joined in the background, where aiokafka retries it as long as it takes.
+        await self._start("reach Kafka", kafka_consumer)
         kafka_consumer.subscribe([topic], listener=subscription._listener)
-        await self._start(f"join the Kafka group {group!r}", kafka_consumer)
         self._subscriptions.add(subscription)
+        await subscription._wait_joined(self.timeout_s)
         return subscription
+
+    async def tail(self, topic: str, *, last: int) -> KafkaTail:
+        """The newest ``last`` records of ``topic`` and what comes after, read outside any
+        group: nothing is joined or committed, and the topic is not created."""
+        from interlock.bus.kafka_tail import KafkaTail
+
+        return await KafkaTail.open(self, topic, last)
 
     async def aclose(self) -> None:
         """Close every subscription (committing what is acknowledged), then the clients."""
@@ -448,6 +480,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         logger.debug("kafka group %s: assigned %s", self._subscription.group, sorted(assigned))
+        self._subscription._on_joined()
 
 
 class KafkaSubscription:
@@ -463,6 +496,35 @@ class KafkaSubscription:
         self._commit_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None  # the commit due within the interval
         self._closed = False
+        self._committing = Backoff(f"kafka group {group}: committing offsets", logger)
+        self._joined = asyncio.Event()  # set by the first assignment (even an empty one)
+        self._join_started = time.monotonic()
+        self._join_warned = False
+
+    async def _wait_joined(self, timeout_s: float) -> None:
+        """Until the group has given this member its first assignment, or ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._joined.wait()
+        except TimeoutError:
+            self._join_warned = True
+            logger.warning(
+                "kafka group %s: not joined after %.0f s (a member that died keeps its "
+                "place until its session of %.0f s times out); joining in the background",
+                self.group,
+                timeout_s,
+                self._bus._session_timeout_ms / 1000,
+            )
+
+    def _on_joined(self) -> None:
+        if not self._joined.is_set():
+            self._joined.set()
+            if self._join_warned:
+                logger.info(
+                    "kafka group %s: joined after %.1f s",
+                    self.group,
+                    time.monotonic() - self._join_started,
+                )
 
     def __repr__(self) -> str:
         return f"KafkaSubscription(topic={self.topic!r}, group={self.group!r})"
@@ -481,8 +543,10 @@ class KafkaSubscription:
             batches = await self._consumer.getmany(
                 timeout_ms=max(0, round(timeout_s * 1000)), max_records=max_messages
             )
-        except KafkaError as exc:
-            raise BusError(f"cannot fetch from the Kafka topic {self.topic!r}: {exc}") from exc
+        except (KafkaError, OSError) as exc:
+            raise BusError(
+                f"cannot fetch from the Kafka topic {self.topic!r}: {describe(exc)}"
+            ) from exc
         out: list[Message] = []
         for tp, records in batches.items():
             partition = self._partitions.get(tp)
@@ -529,8 +593,10 @@ class KafkaSubscription:
         try:
             await self._commit()
         except BusError as exc:
-            logger.warning("kafka group %s: %s; trying again", self.group, exc)
+            self._committing.failed(exc)  # one warning per outage, not one per interval
             self._commit_soon()
+        else:
+            self._committing.succeeded()
 
     async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         """Commit every partition whose commit point moved; one request, one at a time.
@@ -556,11 +622,15 @@ class KafkaSubscription:
                     await self._consumer.commit(offsets)
             except (CommitFailedError, IllegalStateError) as exc:
                 logger.info(
-                    "kafka group %s: commit skipped during a rebalance (%s)", self.group, exc
+                    "kafka group %s: commit skipped during a rebalance (%s)",
+                    self.group,
+                    describe(exc),
                 )
                 return
             except (KafkaError, TimeoutError) as exc:
-                raise BusError(f"cannot commit offsets of group {self.group!r}: {exc}") from exc
+                raise BusError(
+                    f"cannot commit offsets of group {self.group!r}: {describe(exc)}"
+                ) from exc
             for tp, offset in offsets.items():
                 if (partition := self._partitions.get(tp)) is not None:
                     partition.committed = offset
@@ -571,7 +641,7 @@ class KafkaSubscription:
         try:
             await self._commit(revoked)
         except BusError as exc:
-            logger.warning("kafka group %s: %s before a rebalance", self.group, exc)
+            logger.warning("kafka group %s: %s before a rebalance", self.group, describe(exc))
         for tp in revoked:
             self._partitions.pop(tp, None)
 
@@ -594,7 +664,7 @@ class KafkaSubscription:
                 fresh = [tp for tp in tps if done[tp] < 0]
                 starts = await reader.beginning_offsets(fresh) if fresh else {}
         except (KafkaError, TimeoutError) as exc:
-            raise BusError(f"cannot read the lag of group {self.group!r}: {exc}") from exc
+            raise BusError(f"cannot read the lag of group {self.group!r}: {describe(exc)}") from exc
         assigned = consumer.assignment()
         total = 0
         for tp in tps:
@@ -616,7 +686,7 @@ class KafkaSubscription:
         try:
             await self._commit()
         except BusError as exc:
-            logger.warning("kafka group %s: %s on close", self.group, exc)
+            logger.warning("kafka group %s: %s on close", self.group, describe(exc))
         finally:
             self._partitions.clear()
             # aiokafka leaves only a generation > 0; tansu's first one is 0.
@@ -636,7 +706,9 @@ class KafkaSubscription:
                 await producer.client.send(node_id, LeaveGroupRequest(self.group, member_id))
         except (BusError, KafkaError, OSError) as exc:
             logger.info(
-                "kafka group %s: LeaveGroup failed (%s); the session will expire", self.group, exc
+                "kafka group %s: LeaveGroup failed (%s); the session will expire",
+                self.group,
+                describe(exc),
             )
 
 
@@ -661,4 +733,4 @@ async def _quietly_stop(client: _Client) -> None:
         else:
             await client.stop()
     except (KafkaError, OSError) as exc:
-        logger.debug("kafka client stop failed: %s", exc)
+        logger.debug("kafka client stop failed: %s", describe(exc))

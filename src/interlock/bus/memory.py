@@ -32,7 +32,7 @@ from typing import Self
 
 from interlock.bus.base import Message
 
-__all__ = ["DEFAULT_MAX_LEN", "MemoryBroker", "MemoryBus", "MemorySubscription"]
+__all__ = ["DEFAULT_MAX_LEN", "MemoryBroker", "MemoryBus", "MemorySubscription", "MemoryTail"]
 
 DEFAULT_MAX_LEN = 100_000
 
@@ -181,6 +181,16 @@ class MemoryBus:
         self._subscriptions.add(sub)
         return sub
 
+    async def tail(self, topic: str, *, last: int) -> MemoryTail:
+        """The newest ``last`` messages of ``topic`` (created when missing), then the rest."""
+        if last < 0:
+            raise ValueError(f"last must be at least 0, not {last}")
+        log = self.broker._topic(topic)
+        start = max(log.first_offset, log.next_offset - last)
+        tail = MemoryTail(log, start)
+        tail.backlog = tail._take(last)
+        return tail
+
     async def aclose(self) -> None:
         """Close every subscription made on this bus; the broker and its topics stay."""
         for sub in list(self._subscriptions):
@@ -294,3 +304,50 @@ class MemorySubscription:
             held = group.held.pop(offset)
             group.returned.append((held.entry, held.deliveries))
         self._log.wake()
+
+
+class MemoryTail:
+    """Reads one in-process topic from an offset on, holding nothing (see ``Tail``)."""
+
+    def __init__(self, topic: _Topic, offset: int) -> None:
+        self.topic = topic.name
+        self.backlog: list[Message] = []
+        self._log = topic
+        self._next = offset
+
+    async def fetch(self, max_messages: int, timeout_s: float) -> list[Message]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            changed = self._log.changed()
+            got = self._take(max_messages)
+            left_s = deadline - loop.time()
+            if got or left_s <= 0:
+                return got
+            try:
+                async with asyncio.timeout(left_s):
+                    await changed.wait()
+            except TimeoutError:
+                return self._take(max_messages)
+
+    def _take(self, max_messages: int) -> list[Message]:
+        log = self._log
+        start = max(self._next - log.first_offset, 0)
+        stop = min(start + max_messages, len(log.log))
+        entries = list(itertools.islice(log.log, start, stop))
+        if entries:
+            self._next = entries[-1].offset + 1
+        return [
+            Message(
+                topic=self.topic,
+                value=e.value,
+                key=e.key,
+                headers=dict(e.headers),
+                id=str(e.offset),
+                handle=e.offset,
+            )
+            for e in entries
+        ]
+
+    async def aclose(self) -> None:
+        return None

@@ -40,7 +40,7 @@ import logging
 import re
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Literal, Self
+from typing import TYPE_CHECKING, Literal, Self
 from urllib.parse import urlsplit
 
 import nats
@@ -62,8 +62,12 @@ from nats.js.api import (
 
 from interlock.bus import BusError
 from interlock.bus.base import Message
+from interlock.bus.retry import describe
 from interlock.errors import ConfigError
 from interlock.settings import mask_url
+
+if TYPE_CHECKING:
+    from interlock.bus.nats_tail import NatsTail
 
 __all__ = ["KEY_HEADER", "NatsBus", "NatsSubscription", "servers", "stream_name"]
 
@@ -75,6 +79,7 @@ _TOPIC = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _DURABLE = re.compile(r"^[A-Za-z0-9_-]+$")
 # What a failing server or connection raises: nats' own errors and timeouts.
 _FAILURES = (nats.errors.Error, TimeoutError, OSError)
+_RECONNECT_WAIT_S = 0.5
 
 
 def stream_name(topic: str) -> str:
@@ -158,6 +163,9 @@ class NatsBus:
         self._streams: set[str] = set()
         self._subscriptions: set[NatsSubscription] = set()
         self._closed = False
+        self._connecting = False
+        self._last_error: Exception | None = None
+        self._error_logged = False
 
     def __repr__(self) -> str:
         return f"NatsBus({mask_url(self.url)!r})"
@@ -171,35 +179,66 @@ class NatsBus:
                 if self._closed:
                     raise BusError(f"{self!r} is closed")
                 if self._js is None:
-                    try:
-                        nc = await nats.connect(
-                            self._servers,
-                            name=self.client_id,
-                            connect_timeout=max(1, round(self.timeout_s)),
-                            allow_reconnect=True,
-                            max_reconnect_attempts=-1,
-                            reconnect_time_wait=0.5,
-                            error_cb=self._on_error,
-                            disconnected_cb=self._on_disconnected,
-                            reconnected_cb=self._on_reconnected,
-                        )
-                    except (*_FAILURES, nats.errors.NoServersError) as exc:
-                        raise BusError(f"cannot connect to NATS at {self!r}: {exc}") from exc
+                    nc = await self._connect()
                     self._nc = nc
                     self._js = nc.jetstream(
                         timeout=self.timeout_s, publish_async_max_pending=self.max_in_flight
                     )
         return self._js
 
+    async def _connect(self) -> Client:
+        """A connected client, or BusError (ConfigError for refused credentials).
+
+        nats-py retries a first connection forever when reconnects are unbounded: here
+        each server is tried twice, then the error is raised for the caller to retry
+        with its own backoff (or give up at its deadline). Once connected, the client
+        reconnects by itself, forever.
+        """
+        nc = Client()
+        self._connecting, self._last_error = True, None
+        try:
+            async with asyncio.timeout(self.timeout_s + 2 * _RECONNECT_WAIT_S):
+                await nc.connect(
+                    self._servers,
+                    name=self.client_id,
+                    connect_timeout=max(1, round(self.timeout_s)),
+                    allow_reconnect=True,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=_RECONNECT_WAIT_S,  # type: ignore[arg-type]
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                )
+        except (*_FAILURES, nats.errors.NoServersError) as exc:
+            cause = self._last_error or exc
+            with contextlib.suppress(*_FAILURES):
+                await nc.close()
+            if _refused_credentials(cause):
+                raise ConfigError(
+                    f"NATS at {mask_url(self.url)} refused the credentials: {describe(cause)}"
+                ) from exc
+            raise BusError(
+                f"cannot connect to NATS at {mask_url(self.url)}: {describe(cause)}"
+            ) from exc
+        finally:
+            self._connecting = False
+        nc.options["max_reconnect_attempts"] = -1  # connected: reconnect forever from here
+        return nc
+
     async def _on_error(self, exc: Exception) -> None:
-        logger.warning("nats %s: %s", mask_url(self.url), exc)
+        self._last_error = exc
+        if self._connecting or self._error_logged:
+            return  # the caller reports a failed connection; one warning per outage
+        self._error_logged = True
+        logger.warning("nats %s: %s", mask_url(self.url), describe(exc))
 
     async def _on_disconnected(self) -> None:
-        if self._closed:
+        if self._closed or self._connecting:
             return
         logger.warning("nats %s: disconnected; reconnecting", mask_url(self.url))
 
     async def _on_reconnected(self) -> None:
+        self._error_logged = False
         logger.info("nats %s: reconnected", mask_url(self.url))
 
     async def flush(self) -> None:
@@ -209,7 +248,9 @@ class NatsBus:
         try:
             await self._nc.flush(timeout=max(1, round(self.timeout_s)))
         except _FAILURES as exc:
-            raise BusError(f"cannot flush to NATS at {self!r}: {exc}") from exc
+            raise BusError(
+                f"cannot flush to NATS at {mask_url(self.url)}: {describe(exc)}"
+            ) from exc
 
     async def ensure_stream(self, topic: str) -> str:
         """The name of ``topic``'s stream, created with this bus's settings if missing."""
@@ -229,7 +270,7 @@ class NatsBus:
                     except nats.js.errors.BadRequestError:  # made meanwhile by another
                         info = await js.stream_info(name)
             except _FAILURES as exc:
-                raise BusError(f"cannot create the NATS stream {name!r}: {exc}") from exc
+                raise BusError(f"cannot create the NATS stream {name!r}: {describe(exc)}") from exc
             subjects = info.config.subjects or []
             if topic not in subjects:
                 raise ConfigError(
@@ -267,7 +308,9 @@ class NatsBus:
         try:
             await js.publish(topic, value, headers=_headers(key, headers))
         except _FAILURES as exc:
-            raise BusError(f"cannot publish to the NATS stream {stream!r}: {exc}") from exc
+            raise BusError(
+                f"cannot publish to the NATS stream {stream!r}: {describe(exc)}"
+            ) from exc
 
     async def publish_many(self, topic: str, items: Sequence[tuple[bytes | None, bytes]]) -> None:
         """Send every message in order, then wait until the stream has stored them all."""
@@ -290,7 +333,9 @@ class NatsBus:
                     acks.append(await js.publish_async(topic, value, headers=_headers(key, None)))
                 await asyncio.gather(*acks)
         except _FAILURES as exc:
-            raise BusError(f"cannot publish to the NATS stream {stream!r}: {exc}") from exc
+            raise BusError(
+                f"cannot publish to the NATS stream {stream!r}: {describe(exc)}"
+            ) from exc
         finally:
             for ack in acks:
                 ack.cancel()  # returns its slot of max_in_flight if it never came
@@ -315,10 +360,19 @@ class NatsBus:
             except nats.js.errors.BadRequestError:  # another member made it meanwhile
                 pull = await js.pull_subscribe_bind(durable=group, stream=stream)
         except _FAILURES as exc:
-            raise BusError(f"cannot join the NATS group {group!r} on {stream!r}: {exc}") from exc
+            raise BusError(
+                f"cannot join the NATS group {group!r} on {stream!r}: {describe(exc)}"
+            ) from exc
         subscription = NatsSubscription(self, topic, group, consumer, pull)
         self._subscriptions.add(subscription)
         return subscription
+
+    async def tail(self, topic: str, *, last: int) -> NatsTail:
+        """The newest ``last`` messages of ``topic`` and what comes after, read by
+        sequence: no consumer is created, nor the stream."""
+        from interlock.bus.nats_tail import NatsTail
+
+        return await NatsTail.open(self, topic, last)
 
     async def aclose(self) -> None:
         """Close every subscription (naking what it holds), flush, and disconnect."""
@@ -331,7 +385,7 @@ class NatsBus:
             try:
                 await nc.flush(timeout=max(1, round(self.timeout_s)))
             except _FAILURES as exc:
-                logger.info("nats %s: flush on close failed: %s", mask_url(self.url), exc)
+                logger.info("nats %s: flush on close failed: %s", mask_url(self.url), describe(exc))
             await nc.close()
 
     async def __aenter__(self) -> Self:
@@ -378,7 +432,9 @@ class NatsSubscription:
         except TimeoutError:  # nats' own timeouts derive from it: nothing came
             return []
         except nats.errors.Error as exc:
-            raise BusError(f"cannot fetch from the NATS group {self.group!r}: {exc}") from exc
+            raise BusError(
+                f"cannot fetch from the NATS group {self.group!r}: {describe(exc)}"
+            ) from exc
         out = []
         for msg in msgs:
             meta = msg.metadata
@@ -410,7 +466,7 @@ class NatsSubscription:
                 with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
                     await msg.ack()
         except nats.errors.Error as exc:
-            raise BusError(f"cannot ack in the NATS group {self.group!r}: {exc}") from exc
+            raise BusError(f"cannot ack in the NATS group {self.group!r}: {describe(exc)}") from exc
         await self._bus.flush()
 
     async def lag(self) -> int:
@@ -418,7 +474,7 @@ class NatsSubscription:
         try:
             info = await self._pull.consumer_info()
         except _FAILURES as exc:
-            raise BusError(f"cannot read the NATS group {self.group!r}: {exc}") from exc
+            raise BusError(f"cannot read the NATS group {self.group!r}: {describe(exc)}") from exc
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
     async def aclose(self) -> None:
@@ -435,7 +491,15 @@ class NatsSubscription:
             await self._pull.unsubscribe()
             await self._bus.flush()
         except (*_FAILURES, BusError) as exc:
-            logger.info("nats group %s: close was not clean (%s)", self.group, exc)
+            logger.info("nats group %s: close was not clean (%s)", self.group, describe(exc))
+
+
+def _refused_credentials(exc: BaseException) -> bool:
+    """Whether the server refused who we said we are (raised as a plain error at connect)."""
+    if isinstance(exc, nats.errors.AuthorizationError | nats.errors.InvalidUserCredentialsError):
+        return True
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text
 
 
 def _headers(key: bytes | None, headers: dict[str, str] | None) -> dict[str, str] | None:

@@ -47,21 +47,31 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import orjson
 import redis.asyncio
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
 
 from interlock.bus import BusError
 from interlock.bus.base import Message
+from interlock.bus.retry import describe
 from interlock.errors import ConfigError
 from interlock.settings import mask_url
 
-__all__ = ["DEFAULT_CLAIM_IDLE_MS", "DEFAULT_MAX_LEN", "RedisBus", "RedisSubscription"]
+if TYPE_CHECKING:
+    from interlock.bus.redis_tail import RedisTail
+
+__all__ = [
+    "DEFAULT_CLAIM_IDLE_MS",
+    "DEFAULT_MAX_LEN",
+    "RedisBus",
+    "RedisSubscription",
+    "entry_message",
+]
 
 logger = logging.getLogger("interlock.bus")
 
@@ -131,6 +141,11 @@ class RedisBus:
         try:
             async with asyncio.timeout(self.timeout_s + wait_s):
                 return await call()
+        except (AuthenticationError, NoPermissionError) as exc:
+            raise ConfigError(
+                f"redis bus {mask_url(self.url)}: {op} refused: authentication or permission "
+                f"failed ({_describe(exc)}); check the bus URL's user and password"
+            ) from exc
         except ResponseError:
             raise  # the caller decides (NOGROUP, BUSYGROUP); _translate otherwise
         except _FAILURES as exc:
@@ -228,6 +243,17 @@ class RedisBus:
         except ResponseError as exc:
             if not str(exc).startswith("BUSYGROUP"):
                 raise self._translate("create the group", exc) from exc
+
+    async def tail(self, topic: str, *, last: int) -> RedisTail:
+        """The newest ``last`` entries (``XREVRANGE``) and what comes after (``XREAD``):
+        no group is created, nor the stream.
+
+        Raises:
+            BusError: Redis failed or did not answer within ``timeout_s``.
+        """
+        from interlock.bus.redis_tail import RedisTail
+
+        return await RedisTail.open(self, topic, last)
 
     async def aclose(self) -> None:
         """Close the subscriptions made here (handing back what they hold) and the pool.
@@ -394,35 +420,7 @@ class RedisSubscription:
     def _message(
         self, entry_id: bytes, fields: list[bytes] | dict[bytes, bytes], deliveries: int
     ) -> Message:
-        """The message in one entry; ``fields`` flat as on the wire, or as a dict."""
-        if isinstance(fields, list):
-            fields = dict(zip(fields[::2], fields[1::2], strict=True))
-        value = fields.get(b"v")
-        if value is None:  # written by another producer: keep everything it wrote
-            value = orjson.dumps(
-                {
-                    k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
-                    for k, v in fields.items()
-                }
-            )
-        raw_headers = fields.get(b"h")
-        headers: dict[str, str] = {}
-        if raw_headers:
-            try:
-                decoded = orjson.loads(raw_headers)
-            except orjson.JSONDecodeError:
-                decoded = None
-            if isinstance(decoded, dict):
-                headers = {str(k): str(v) for k, v in decoded.items()}
-        return Message(
-            topic=self.topic,
-            value=value,
-            key=fields.get(b"k"),
-            headers=headers,
-            id=entry_id.decode(),
-            deliveries=deliveries,
-            handle=entry_id,
-        )
+        return entry_message(self.topic, entry_id, fields, deliveries)
 
     async def ack(self, messages: Sequence[Message]) -> None:
         """``XACK`` the messages' entries; acknowledging one twice does nothing.
@@ -525,10 +523,39 @@ class RedisSubscription:
                 raise bus._translate("hand back", exc) from exc
 
 
+def entry_message(
+    topic: str, entry_id: bytes, fields: list[bytes] | dict[bytes, bytes], deliveries: int
+) -> Message:
+    """The message in one entry of ``topic``; ``fields`` flat as on the wire, or a dict."""
+    if isinstance(fields, list):
+        fields = dict(zip(fields[::2], fields[1::2], strict=True))
+    value = fields.get(b"v")
+    if value is None:  # written by another producer: keep everything it wrote
+        value = orjson.dumps(
+            {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in fields.items()}
+        )
+    raw_headers = fields.get(b"h")
+    headers: dict[str, str] = {}
+    if raw_headers:
+        try:
+            decoded = orjson.loads(raw_headers)
+        except orjson.JSONDecodeError:
+            decoded = None
+        if isinstance(decoded, dict):
+            headers = {str(k): str(v) for k, v in decoded.items()}
+    return Message(
+        topic=topic,
+        value=value,
+        key=fields.get(b"k"),
+        headers=headers,
+        id=entry_id.decode(),
+        deliveries=deliveries,
+        handle=entry_id,
+    )
+
+
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {exc}" if str(exc).strip() else describe(exc)
 
 
 def _bulk(arg: bytes) -> bytes:

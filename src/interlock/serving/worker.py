@@ -31,6 +31,11 @@ Rules:
   backoff up to ``max_attempts``, then dead-lettered. Nothing is dropped.
 - **Back-pressure.** No more than ``concurrency`` events are in flight; the worker fetches
   more only when there is room.
+- **A bus that fails.** Joining the group, fetching, publishing, recording and
+  acknowledging are retried with capped exponential backoff and jitter while the bus (or
+  the dedupe store) is down, restarting, or rebalancing: one warning per outage, with
+  its cause, and one line when it ends. Only a configuration error (a bad URL, a refused
+  password, an invalid name) ends the worker.
 - **Shutdown.** When ``stop`` is set the worker takes nothing more, finishes (and
   acknowledges) what it holds, and leaves its group; what it could not finish is left
   unacknowledged and the bus redelivers it to the group.
@@ -50,6 +55,7 @@ import orjson
 
 from interlock.bus.base import EventBus, Message, Subscription
 from interlock.bus.envelope import dead_letter_payload
+from interlock.bus.retry import Backoff, describe
 from interlock.errors import (
     InputError,
     InterlockError,
@@ -109,14 +115,16 @@ class PredictionWorker:
         self._in_flight = 0
         self._room = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._backoffs: dict[str, Backoff] = {}
         self.processed = 0  # events acknowledged, for tests and logs
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then drain what is in flight and leave the group."""
         settings = self._settings
-        sub = await self._bus.subscribe(
-            settings.requests_topic, group=settings.group, consumer=self._consumer
-        )
+        sub = await self._join(stop)
+        if sub is None:
+            return  # stopped before the bus could be joined
+        fetching = Backoff(f"worker: fetching from {settings.requests_topic!r}", log, max_s=5.0)
         lag_task = asyncio.ensure_future(self._watch_lag(sub, stop))
         log.info(
             "worker consuming",
@@ -129,7 +137,14 @@ class PredictionWorker:
                     self._room.clear()
                     await _first(self._room.wait(), stop.wait())
                     continue
-                messages = await sub.fetch(min(settings.batch, room), 0.25)
+                try:
+                    messages = await sub.fetch(min(settings.batch, room), 0.25)
+                except InterlockError as exc:
+                    if not exc.retryable:
+                        raise
+                    await fetching.wait(exc, stop)  # a broker restarting, a rebalance
+                    continue
+                fetching.succeeded()
                 if not messages:
                     continue
                 self._in_flight += len(messages)
@@ -144,6 +159,40 @@ class PredictionWorker:
             await sub.aclose()
             log.info("worker stopped", extra={"processed": self.processed})
 
+    async def _join(self, stop: asyncio.Event) -> Subscription | None:
+        """The worker's subscription, retried with backoff until it is made or ``stop``.
+
+        A bus that is down, a coordinator that moved, a group still rebalancing: all are
+        retried (one warning per streak, with the cause). A configuration error (a bad
+        URL, a refused password, an invalid name) is raised: retrying cannot fix it.
+        """
+        settings = self._settings
+        joining = Backoff(
+            f"worker: joining the group {settings.group!r} on {settings.requests_topic!r}",
+            log,
+            max_s=10.0,
+            rng=self._rng,
+        )
+        while not stop.is_set():
+            attempt = asyncio.ensure_future(
+                self._bus.subscribe(
+                    settings.requests_topic, group=settings.group, consumer=self._consumer
+                )
+            )
+            await _first(attempt, stop.wait())  # a join may wait long: SIGTERM ends it
+            if attempt.cancelled():
+                return None
+            try:
+                sub = attempt.result()
+            except InterlockError as exc:
+                if not exc.retryable:
+                    raise
+                await joining.wait(exc, stop)
+                continue
+            joining.succeeded()
+            return sub
+        return None
+
     # -- one batch -------------------------------------------------------------------------
 
     async def _process(self, sub: Subscription, batch: list[Message], stop: asyncio.Event) -> None:
@@ -151,7 +200,7 @@ class PredictionWorker:
         try:
             done = await self._answer(batch, started, stop)
             if done:
-                await _until_done(lambda: sub.ack(batch), stop, "acknowledge")
+                await self._until_done(lambda: sub.ack(batch), stop, "acknowledge")
                 self.processed += len(batch)
         except Exception:
             log.exception("a batch of events failed; the bus will deliver it again")
@@ -175,7 +224,7 @@ class PredictionWorker:
                 dead.append((message, reason))
             else:
                 valid.append((message, request))
-        records = await _until_done(
+        records = await self._until_done(
             lambda: self._dedupe.get_many([r["requestId"] for _, r in valid]), stop, "look up"
         )
         if records is None:
@@ -201,11 +250,11 @@ class PredictionWorker:
         # The answers and their records go out together: a record stored before its
         # answer is published only means a redelivery is answered from the record.
         steps = [
-            _until_done(lambda t=topic, i=items: self._bus.publish_many(t, i), stop, "publish")
+            self._until_done(lambda t=topic, i=items: self._bus.publish_many(t, i), stop, "publish")
             for topic, items in out.items()
         ]
         if fresh:
-            steps.append(_until_done(lambda: self._dedupe.set_many(fresh), stop, "record"))
+            steps.append(self._until_done(lambda: self._dedupe.set_many(fresh), stop, "record"))
         if steps and any(done is None for done in await asyncio.gather(*steps)):
             return False
         if fresh:
@@ -216,7 +265,7 @@ class PredictionWorker:
                 for m, reason in dead
             ]
             if (
-                await _until_done(
+                await self._until_done(
                     lambda: self._bus.publish_many(settings.dead_letter_topic, letters),
                     stop,
                     "dead-letter",
@@ -350,15 +399,38 @@ class PredictionWorker:
                     request_id=request["requestId"],
                 )
             except _FINAL as exc:
-                return None, str(exc)
+                return None, describe(exc)
             except InterlockError as exc:
                 if attempt >= settings.max_attempts:
-                    return None, f"gave up after {attempt} attempts: {exc}"
+                    return None, f"gave up after {attempt} attempts: {describe(exc)}"
                 self.metrics.retries.inc()
                 cap = settings.retry_base_ms * (2 ** (attempt - 1)) / 1000.0
                 await asyncio.sleep(self._rng.uniform(cap / 2, cap))
                 continue
             return self._payload(request, answer, answer.values, started), ""
+
+    async def _until_done(self, call: Any, stop: asyncio.Event, what: str) -> Any:
+        """``await call()`` until it succeeds, backing off; None once ``stop`` is set.
+
+        A bus or store that is down holds the batch (unacknowledged) instead of losing it.
+        The batches in flight share one :class:`Backoff` per step, so an outage is one
+        warning (with its cause) and one line when it ends, not one per batch and try.
+        """
+        backoff = self._backoffs.get(what)
+        if backoff is None:
+            backoff = self._backoffs[what] = Backoff(
+                f"worker: {what}", log, first_s=0.05, max_s=5.0, rng=self._rng
+            )
+        while True:
+            try:
+                result = await call()
+            except InterlockError as exc:
+                if stop.is_set():
+                    return None
+                await backoff.wait(exc, stop)
+                continue
+            backoff.succeeded()
+            return True if result is None else result
 
     async def _watch_lag(self, sub: Subscription, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -414,21 +486,3 @@ async def _first(*waits: Any) -> None:
     finally:
         for task in tasks:
             task.cancel()
-
-
-async def _until_done(call: Any, stop: asyncio.Event, what: str) -> Any:
-    """``await call()`` until it succeeds, backing off; None once ``stop`` is set.
-
-    A bus or store that is down holds the batch (unacknowledged) instead of losing it.
-    """
-    delay = 0.05
-    while True:
-        try:
-            result = await call()
-            return True if result is None else result
-        except InterlockError as exc:
-            if stop.is_set():
-                return None
-            log.warning("worker could not %s; retrying", what, extra={"error": str(exc)})
-            await _first(asyncio.sleep(delay), stop.wait())
-            delay = min(delay * 2, 5.0)
