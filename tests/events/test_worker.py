@@ -156,3 +156,17 @@ async def test_one_bad_event_in_a_batch_costs_only_itself(harness: Harness) -> N
     assert all(c["result"] == (int(c["requestId"][1:]) + 1) * 10 for c in completions)
     (letter,) = [read_dead_letter(v) for v in await harness.read("ai.prediction.dead-letter", 1)]
     assert b'"bad"' in letter.value
+
+
+async def test_a_model_reference_no_version_can_have_is_dead_lettered(harness: Harness) -> None:
+    good = {"requestId": "ok", "model": "m", "inputs": {"x": 1}}
+    odd = [
+        {"requestId": "sup", "model": "m:³", "inputs": {"x": 1}},  # a digit, but not 0-9
+        {"requestId": "big", "model": f"m:{10**20}", "inputs": {"x": 1}},
+    ]
+    await harness.send(*odd, good)
+    letters = [read_dead_letter(v) for v in await harness.read("ai.prediction.dead-letter", 2)]
+    assert sorted(orjson.loads(letter.value)["requestId"] for letter in letters) == ["big", "sup"]
+    assert all(letter.reason for letter in letters)
+    (done,) = [orjson.loads(v) for v in await harness.read("ai.prediction.completed", 1)]
+    assert done["requestId"] == "ok"

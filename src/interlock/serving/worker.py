@@ -86,7 +86,7 @@ class _DeadLetterError(Exception):
 def parse_model_ref(model: str) -> tuple[str, int | None]:
     """``name``, ``name@alias`` → (ref, None); ``name:3`` → (``name``, 3)."""
     name, sep, version = model.rpartition(":")
-    if sep and version.isdigit() and name:
+    if sep and version.isascii() and version.isdigit() and name:  # not '³': int() refuses it
         return name, int(version)
     return model, None
 
