@@ -45,6 +45,7 @@ import numpy.typing as npt
 from interlock._core.schema import Feature, FeatureSchema, FeatureType
 from interlock.errors import ModelFormatError, PredictionError, RuntimeLoadError
 from interlock.runtime.base import Inspection, ModelFormat, Predictor, Task, as_matrix
+from interlock.runtime.loaders._messages import library_message
 
 __all__ = ["LOADER", "LightGBMLoader", "LightGBMPredictor"]
 
@@ -63,13 +64,38 @@ _MULTICLASS_OBJECTIVES = frozenset({"multiclass", "multiclassova"})
 _UNKNOWN_OBJECTIVES = frozenset({"", "custom", "none"})
 
 
+_native_log = logging.getLogger(f"{__name__}.native")
+_routed = False
+
+
+def _route_native_log() -> None:
+    """Send LightGBM's own log lines (``[LightGBM] [Fatal] …``) to logging, not stdout."""
+    global _routed
+    if not _routed:
+        lightgbm.register_logger(_native_log, info_method_name="info")
+        _routed = True
+
+
 def _open(path: Path) -> lightgbm.Booster:
     if not path.is_file():
         raise ModelFormatError(f"{path.name}: no such file")
+    _route_native_log()
+    # LightGBM prints its fatal errors to stderr itself ("[LightGBM] [Fatal] …", with
+    # the file's path) before raising; a file that is not a model text file at all is
+    # told here instead, so registering a wrong file prints nothing but our one line.
+    with path.open("rb") as head:
+        first = head.readline(64).strip()
+    if first != b"tree":
+        raise ModelFormatError(
+            f"{path.name} is not a LightGBM model file: it does not start with 'tree' "
+            "(save it with Booster.save_model)"
+        )
     try:
         return lightgbm.Booster(model_file=str(path))
     except (lightgbm.basic.LightGBMError, OSError, ValueError) as exc:
-        raise ModelFormatError(f"{path.name} is not a LightGBM model file: {exc}") from exc
+        raise ModelFormatError(
+            f"{path.name} is not a LightGBM model file: {library_message(exc, path)}"
+        ) from exc
 
 
 def _categorical_indices(booster: lightgbm.Booster, infos: dict[str, Any]) -> list[int]:
@@ -323,7 +349,7 @@ class LightGBMPredictor:
         try:
             out = self._booster.predict(x, num_threads=self._threads)
         except (lightgbm.basic.LightGBMError, ValueError) as exc:
-            raise PredictionError(f"LightGBM failed to predict: {exc}") from exc
+            raise PredictionError(f"LightGBM failed to predict: {library_message(exc)}") from exc
         return np.asarray(out, dtype=np.float64)
 
     def predict(self, batch: Matrix) -> Matrix:
