@@ -96,6 +96,30 @@ def test_bad_registrations_say_what_is_wrong(
     assert message in response.json()["error"]
 
 
+def test_registration_refusals_and_their_overrides(
+    tmp_path: Path,
+    make_settings: Callable[..., Any],
+    server_factory: Callable[[Any], LiveServer],
+) -> None:
+    server = server_factory(make_settings())
+    model = write_python_model(tmp_path)
+    fewer = write_python_model(
+        tmp_path / "v2", PYTHON_MODEL.replace('{"name": "c", "type": "float"},', "")
+    )
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        assert upload(http, "calc", model).status_code == 201
+
+        same = upload(http, "calc", model)
+        assert same.status_code == 409, same.text
+        assert same.json()["error"].startswith("calc: version 1 already has this artifact")
+        assert upload(http, "calc", model, allow_duplicate="true").json()["version"] == 2
+
+        breaking = upload(http, "calc", fewer)
+        assert breaking.status_code == 409, breaking.text
+        assert "feature 'c' is gone" in breaking.json()["error"]
+        assert upload(http, "calc", fewer, force_schema="true").json()["version"] == 3
+
+
 def test_moving_an_alias_to_a_missing_version_is_404(
     tmp_path: Path,
     make_settings: Callable[..., Any],

@@ -99,7 +99,9 @@ def test_register_says_what_it_does_and_refuses_identical_bytes(tmp_path: Path) 
     errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
     assert errors == [again.stderr.splitlines()[-1]]
     assert errors[0].startswith("error: calc: version 1 already has this artifact (sha256 ")
-    assert errors[0].endswith("pass --allow-duplicate to register the same bytes again")
+    assert errors[0].endswith(
+        "pass --allow-duplicate (API: allow_duplicate) to register the same bytes again"
+    )
 
 
 def test_a_schema_change_that_breaks_clients_needs_force_schema(tmp_path: Path) -> None:
@@ -115,7 +117,7 @@ def test_a_schema_change_that_breaks_clients_needs_force_schema(tmp_path: Path) 
     assert refused.returncode == 1
     assert refused.stderr.splitlines()[-1] == (
         "error: calc: this schema would break clients of version 1: feature 'c' is gone; "
-        "pass --force-schema to register it anyway"
+        "pass --force-schema (API: force_schema) to register it anyway"
     )
     forced = run(home, "models", "register", "calc", str(fewer), "--format", "python",
                  "--force-schema")  # fmt: skip

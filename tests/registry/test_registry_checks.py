@@ -87,12 +87,13 @@ async def test_a_nameless_artifact_inherits_the_schema_when_the_count_fits(
         (
             ["x0", "x1", "x2", "x3", "x4"],
             "fraud: this schema would break clients of version 1: feature 'x5' is gone; "
-            "pass --force-schema to register it anyway",
+            "pass --force-schema (API: force_schema) to register it anyway",
         ),
         (
             ["x0", "x1", "x2", "x3", "x4", "x5", "x6"],
             "fraud: this schema would break clients of version 1: feature 'x6' is new "
-            "and clients do not send it; pass --force-schema to register it anyway",
+            "and clients do not send it; "
+            "pass --force-schema (API: force_schema) to register it anyway",
         ),
     ],
 )
@@ -130,7 +131,7 @@ async def test_narrowing_a_type_is_refused_widening_is_not(
         await registry.register("fraud", retrained.path, "lightgbm", schema=narrowed)
     assert str(caught.value) == (
         "fraud: this schema would break clients of version 1: feature 'x2' changes from "
-        "float to bool; pass --force-schema to register it anyway"
+        "float to bool; pass --force-schema (API: force_schema) to register it anyway"
     )
 
     widened = FeatureSchema.of(
@@ -215,7 +216,7 @@ async def test_identical_bytes_are_refused_naming_the_version(
 
     assert str(caught.value) == (
         f"fraud: version 1 already has this artifact (sha256 {first.artifact_sha256[:12]}); "
-        "pass --allow-duplicate to register the same bytes again"
+        "pass --allow-duplicate (API: allow_duplicate) to register the same bytes again"
     )
     assert _files(registry) == files
     assert (await registry.get_model("fraud")).versions == [1]

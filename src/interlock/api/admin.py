@@ -85,6 +85,12 @@ def build_admin_router(
         metrics: Annotated[str | None, Form(description="a JSON object of numbers")] = None,
         tags: Annotated[str | None, Form(description="a JSON object of strings")] = None,
         trust: Annotated[bool, Form(description="allow a pickle artifact")] = False,
+        allow_duplicate: Annotated[
+            bool, Form(description="register bytes a version already has, again")
+        ] = False,
+        force_schema: Annotated[
+            bool, Form(description="register a schema that breaks current clients")
+        ] = False,
     ) -> dict[str, Any]:
         raw_schema = _json_field("schema", feature_schema)
         try:
@@ -102,6 +108,8 @@ def build_admin_router(
                 tags=_json_field("tags", tags),
                 alias=alias,
                 trusted=trust,
+                allow_duplicate=allow_duplicate,
+                force_schema=force_schema,
             )
         if alias is not None:
             await manager.refresh()

@@ -53,7 +53,7 @@ def evolve_schema(
         if why is not None:
             raise RegistryError(
                 f"{name}: this schema would break clients of version {base.version}: {why}; "
-                "pass --force-schema to register it anyway"
+                "pass --force-schema (API: force_schema) to register it anyway"
             )
     return schema
 

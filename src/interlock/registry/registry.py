@@ -430,7 +430,7 @@ def _before_insert(conn: Connection, name: str, sha256: str, allow_duplicate: bo
         if same is not None:
             raise RegistryError(
                 f"{name}: version {same} already has this artifact (sha256 {sha256[:12]}); "
-                "pass --allow-duplicate to register the same bytes again"
+                "pass --allow-duplicate (API: allow_duplicate) to register the same bytes again"
             )
     versions, aliases = _state(conn, name)
     if not versions:
