@@ -68,7 +68,17 @@ def test_register_list_show_and_alias(tmp_path: Path) -> None:
 def test_show_prints_the_schema_in_order(tmp_path: Path) -> None:
     home = tmp_path / "home"
     model = write_python_model(tmp_path / "m")
+    colored = write_python_model(
+        tmp_path / "v2",
+        PYTHON_MODEL.replace(
+            '{"name": "c", "type": "float"},',
+            '{"name": "c", "type": "float"}, '
+            '{"name": "color", "type": "category", "categories": ["red", "blue"]},',
+        ),
+    )
     assert run(home, "models", "register", "calc", str(model), "--format", "python").returncode == 0
+    assert run(home, "models", "register", "calc", str(colored), "--format", "python",
+               "--force-schema").returncode == 0  # fmt: skip
 
     shown = run(home, "models", "show", "calc")
 
@@ -77,7 +87,8 @@ def test_show_prints_the_schema_in_order(tmp_path: Path) -> None:
     assert ["1", "a", "float"] in rows
     assert ["2", "b", "int"] in rows
     assert ["3", "c", "float"] in rows
-    assert "schema of version 1" in shown.stdout
+    assert ["4", "color", "category", "red,", "blue"] in rows
+    assert shown.stdout.index("schema of version 2") < shown.stdout.index("schema of version 1")
 
 
 def test_register_says_what_it_does_and_refuses_identical_bytes(tmp_path: Path) -> None:

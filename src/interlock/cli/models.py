@@ -192,15 +192,18 @@ def show(
 
 def _print_schemas(console: Console, versions: list[ModelVersion]) -> None:
     """Each distinct schema once, newest first, with the versions that have it."""
-    groups: dict[tuple[Any, ...], list[ModelVersion]] = {}
+    groups: dict[str, list[ModelVersion]] = {}
     for v in versions:
-        key = tuple(tuple(sorted(f.to_dict().items(), key=str)) for f in v.schema.features)
-        groups.setdefault(key, []).append(v)
+        groups.setdefault(json.dumps(v.schema.to_list(), sort_keys=True), []).append(v)
     for group in sorted(groups.values(), key=lambda g: -g[-1].version):
         numbers = ", ".join(str(v.version) for v in group)
         label = "version" if len(group) == 1 else "versions"
-        table = Table("#", "feature", "type", "range", "categories", title_justify="left")
-        table.title = f"schema of {label} {numbers}"
+        table = Table(title=f"schema of {label} {numbers}", title_justify="left")
+        table.add_column("#", justify="right")
+        table.add_column("feature", no_wrap=True)
+        table.add_column("type", no_wrap=True)
+        table.add_column("range", no_wrap=True)
+        table.add_column("categories")
         for position, feature in enumerate(group[-1].schema.features, start=1):
             low = "" if feature.minimum is None else f"{feature.minimum:.6g}"
             high = "" if feature.maximum is None else f"{feature.maximum:.6g}"
