@@ -8,6 +8,7 @@ existing version by accident, and a refusal leaves nothing behind in the artifac
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,16 @@ async def test_a_broken_artifact_is_one_clean_line_and_leaves_no_files(
     assert await registry.list_models() == []
     details = [r for r in caplog.records if r.name.startswith("interlock.registry")]
     assert details and "bad" in details[0].getMessage()
+    if fmt != "lightgbm":  # refused before LightGBM was asked: there is nothing more to say
+        assert details[0].exc_info is not None  # what the library said, for the log
+
+
+async def test_a_python_model_that_fails_to_import_names_no_private_path(
+    registry: Registry, model_file: Callable[..., Path]
+) -> None:
+    with pytest.raises(ModelFormatError) as caught:
+        await registry.register("bad", model_file("class Model(:\n"), "python")
+
+    assert str(caught.value) == (
+        "model.py failed to import: SyntaxError: invalid syntax (model.py, line 1)"
+    )

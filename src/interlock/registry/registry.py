@@ -140,8 +140,14 @@ class Registry:
                 tell=tell,
             )
         except InterlockError as exc:
+            # The user gets the one line; what the model library said (the chained
+            # cause, with its native messages and paths) is for the log.
             _log.info(
-                "registration of %s (%s) refused: %s", name, Path(path).name, exc, exc_info=exc
+                "registration of %s (%s) refused: %s",
+                name,
+                Path(path).name,
+                exc,
+                exc_info=exc if exc.__cause__ is not None else None,
             )
             raise
         finally:
