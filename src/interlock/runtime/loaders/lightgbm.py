@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -76,20 +77,47 @@ def _route_native_log() -> None:
         _routed = True
 
 
+_TREE_SIZES = re.compile(rb"\ntree_sizes=([0-9 ]*)\r?\n")
+
+
+def _damage(raw: bytes) -> str | None:
+    """What is wrong with a model text file, checked before LightGBM reads it; or None.
+
+    LightGBM prints its fatal errors to stderr itself (``[LightGBM] [Fatal] …``, with the
+    file's path) before raising, and a file cut inside its trees crashes the process
+    (it reads each tree at the offset ``tree_sizes`` gives). So the file's frame is
+    checked here: the ``tree`` line, the header keys LightGBM requires, each tree where
+    ``tree_sizes`` puts it, and the ``end of trees`` line.
+    """
+    if raw.split(b"\n", 1)[0].strip() != b"tree":
+        return "it does not start with 'tree' (save it with Booster.save_model)"
+    header_end = raw.find(b"\nTree=")
+    header = raw[: header_end + 1] if header_end >= 0 else raw
+    for key in (b"num_class", b"max_feature_idx"):
+        if b"\n" + key + b"=" not in header:
+            return f"its header has no {key.decode()}"
+    end = raw.find(b"end of trees")
+    if end < 0:
+        return "it is truncated or damaged: 'end of trees' is missing"
+    sizes = _TREE_SIZES.search(header)
+    if sizes is not None and header_end >= 0:
+        offset = header_end + 1
+        for size in (int(s) for s in sizes.group(1).split()):
+            if raw[offset : offset + 5] != b"Tree=":
+                return "it is truncated or damaged: a tree is not where tree_sizes puts it"
+            offset += size
+        if offset > end:
+            return "it is truncated or damaged: its trees overrun 'end of trees'"
+    return None
+
+
 def _open(path: Path) -> lightgbm.Booster:
     if not path.is_file():
         raise ModelFormatError(f"{path.name}: no such file")
     _route_native_log()
-    # LightGBM prints its fatal errors to stderr itself ("[LightGBM] [Fatal] …", with
-    # the file's path) before raising; a file that is not a model text file at all is
-    # told here instead, so registering a wrong file prints nothing but our one line.
-    with path.open("rb") as head:
-        first = head.readline(64).strip()
-    if first != b"tree":
-        raise ModelFormatError(
-            f"{path.name} is not a LightGBM model file: it does not start with 'tree' "
-            "(save it with Booster.save_model)"
-        )
+    problem = _damage(path.read_bytes())
+    if problem is not None:
+        raise ModelFormatError(f"{path.name} is not a LightGBM model file: {problem}")
     try:
         return lightgbm.Booster(model_file=str(path))
     except (lightgbm.basic.LightGBMError, OSError, ValueError) as exc:
