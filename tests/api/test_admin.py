@@ -103,22 +103,22 @@ def test_registration_refusals_and_their_overrides(
     server_factory: Callable[[Any], LiveServer],
 ) -> None:
     server = server_factory(make_settings())
-    model = write_python_model(tmp_path)
-    fewer = write_python_model(
-        tmp_path / "v2", PYTHON_MODEL.replace('{"name": "c", "type": "float"},', "")
-    )
+    model = make_lightgbm(tmp_path / "a").path
+    fewer = make_lightgbm(tmp_path / "b", n_features=5).path
     with httpx.Client(base_url=server.url, timeout=10) as http:
-        assert upload(http, "calc", model).status_code == 201
+        assert upload(http, "fraud", model, "lightgbm").status_code == 201
 
-        same = upload(http, "calc", model)
+        same = upload(http, "fraud", model, "lightgbm")
         assert same.status_code == 409, same.text
-        assert same.json()["error"].startswith("calc: version 1 already has this artifact")
-        assert upload(http, "calc", model, allow_duplicate="true").json()["version"] == 2
+        assert same.json()["error"].startswith("fraud: version 1 already has this artifact")
+        again = upload(http, "fraud", model, "lightgbm", allow_duplicate="true")
+        assert again.json()["version"] == 2
 
-        breaking = upload(http, "calc", fewer)
+        breaking = upload(http, "fraud", fewer, "lightgbm")
         assert breaking.status_code == 409, breaking.text
-        assert "feature 'c' is gone" in breaking.json()["error"]
-        assert upload(http, "calc", fewer, force_schema="true").json()["version"] == 3
+        assert "feature 'x5' is gone" in breaking.json()["error"]
+        forced = upload(http, "fraud", fewer, "lightgbm", force_schema="true")
+        assert forced.json()["version"] == 3
 
 
 def test_the_same_lightgbm_file_again_answers_the_same_clients(

@@ -79,18 +79,18 @@ def build_admin_router(
         artifact: Annotated[UploadFile, File(description="the model file")],
         format: Annotated[str, Form(description="lightgbm, xgboost, onnx, sklearn or python")],
         alias: Annotated[str | None, Form()] = None,
-        feature_schema: Annotated[
-            str | None, Form(alias="schema", description="the feature schema as JSON")
-        ] = None,
-        metrics: Annotated[str | None, Form(description="a JSON object of numbers")] = None,
-        tags: Annotated[str | None, Form(description="a JSON object of strings")] = None,
-        trust: Annotated[bool, Form(description="allow a pickle artifact")] = False,
         allow_duplicate: Annotated[
             bool, Form(description="register bytes a version already has, again")
         ] = False,
         force_schema: Annotated[
             bool, Form(description="register a schema that breaks current clients")
         ] = False,
+        feature_schema: Annotated[
+            str | None, Form(alias="schema", description="the feature schema as JSON")
+        ] = None,
+        metrics: Annotated[str | None, Form(description="a JSON object of numbers")] = None,
+        tags: Annotated[str | None, Form(description="a JSON object of strings")] = None,
+        trust: Annotated[bool, Form(description="allow a pickle artifact")] = False,
     ) -> dict[str, Any]:
         raw_schema = _json_field("schema", feature_schema)
         try:
