@@ -32,7 +32,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
     found = load_settings(None, home=tmp_path / "home", database_url=database_url)
     model = write_python_model(tmp_path / "m")
     for _ in range(3):
-        register(found, "fraud", model, "python")
+        register(found, "fraud", model, "python", allow_duplicate=True)
     set_alias(found, "fraud", "champion", 1)
     return found
 
