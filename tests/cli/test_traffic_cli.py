@@ -148,7 +148,7 @@ def test_the_command_end_to_end(tmp_path: Path) -> None:
     model = write_python_model(tmp_path / "m")
     settings: Any = load_settings(None, home=home)
     register(settings, "fraud", model, "python")
-    register(settings, "fraud", model, "python")
+    register(settings, "fraud", model, "python", allow_duplicate=True)
 
     done = run(home, "traffic", "set", "fraud", "1=80", "2=20")
     assert done.returncode == 0, done.stderr
