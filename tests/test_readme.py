@@ -44,11 +44,7 @@ SKIPPED = [
 ]
 """The reasons of the blocks README.md marks as not run, in the README's order."""
 
-KNOWN_DEFECTS = {
-    "feature 'is_foreign' must be a number, got boolean": (
-        "issue 11 item 5: a new version of a model does not inherit the model's schema yet"
-    ),
-}
+KNOWN_DEFECTS: dict[str, str] = {}
 """Failures of README examples that another change fixes: met, the walk-through goes on
 and ends as an xfail naming them; once fixed they no longer occur and it passes. Delete
 an entry with its fix."""

@@ -12,6 +12,7 @@ import pytest
 
 from tests.api.support import PYTHON_MODEL, register, write_python_model
 from tests.conftest import LiveServer
+from tests.factories import make_lightgbm
 
 ROW = {"a": 1.0, "b": 2, "c": 0.5}
 ADMIN = {"authorization": "Bearer adm-key"}
@@ -99,6 +100,60 @@ def test_bad_registrations_say_what_is_wrong(
         )
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
+
+
+def test_registration_refusals_and_their_overrides(
+    tmp_path: Path,
+    make_settings: Callable[..., Any],
+    server_factory: Callable[[Any], LiveServer],
+) -> None:
+    server = server_factory(make_settings())
+    model = make_lightgbm(tmp_path / "a").path
+    fewer = make_lightgbm(tmp_path / "b", n_features=5).path
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        assert upload(http, "fraud", model, "lightgbm").status_code == 201
+
+        same = upload(http, "fraud", model, "lightgbm")
+        assert same.status_code == 409, same.text
+        assert same.json()["error"].startswith("fraud: version 1 already has this artifact")
+        again = upload(http, "fraud", model, "lightgbm", allow_duplicate="true")
+        assert again.json()["version"] == 2
+
+        breaking = upload(http, "fraud", fewer, "lightgbm")
+        assert breaking.status_code == 409, breaking.text
+        assert "feature 'x5' is gone" in breaking.json()["error"]
+        forced = upload(http, "fraud", fewer, "lightgbm", force_schema="true")
+        assert forced.json()["version"] == 3
+
+
+def test_the_same_lightgbm_file_again_answers_the_same_clients(
+    tmp_path: Path,
+    make_settings: Callable[..., Any],
+    server_factory: Callable[[Any], LiveServer],
+) -> None:
+    """Issue 11: v2 of the demo's file took floats where v1 took a bool, so half of a
+    50/50 split answered 422 to the request the demo prints."""
+    made = make_lightgbm(tmp_path / "m")
+    assert made.schema is not None
+    typed = [
+        {"name": f.name, "type": {"x0": "int", "x1": "bool"}.get(f.name, "float")}
+        for f in made.schema.features
+    ]
+    row = {f.name: 0.5 for f in made.schema.features} | {"x0": 2, "x1": True}
+    server = server_factory(make_settings())
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        first = upload(http, "fraud", made.path, "lightgbm", schema=json.dumps(typed))
+        assert first.status_code == 201, first.text
+        second = upload(http, "fraud", made.path, "lightgbm", allow_duplicate="true")
+        assert second.status_code == 201, second.text
+        assert second.json()["schema"] == first.json()["schema"]
+
+        answers = [
+            http.post(f"/v1/models/{ref}:predict", json={"instances": [row]})
+            for ref in ("fraud:1", "fraud:2")
+        ]
+    assert [a.status_code for a in answers] == [200, 200], answers[1].text
+    assert answers[0].json()["predictions"] == answers[1].json()["predictions"]
 
 
 def test_moving_an_alias_to_a_missing_version_is_404(

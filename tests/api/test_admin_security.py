@@ -266,7 +266,14 @@ def live(
     settings = make_settings()
     for version in (1, 2):
         path = write_python_model(tmp_path / f"v{version}", name="m.py")
-        register(settings, "calc", path, "python", alias="champion" if version == 1 else None)
+        register(
+            settings,
+            "calc",
+            path,
+            "python",
+            alias="champion" if version == 1 else None,
+            allow_duplicate=True,
+        )
     return server_factory(settings)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.support import write_python_model
+from tests.api.support import PYTHON_MODEL, write_python_model
 
 
 def run(
@@ -39,7 +39,8 @@ def test_register_list_show_and_alias(tmp_path: Path) -> None:
                 "--alias", "champion", "--metrics", str(metrics))  # fmt: skip
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == "1"
-    second = run(home, "models", "register", "calc", str(model), "--format", "python")
+    second = run(home, "models", "register", "calc", str(model), "--format", "python",
+                 "--allow-duplicate")  # fmt: skip
     assert second.stdout.strip() == "2"
 
     listed = run(home, "models", "list", "--json")
@@ -62,6 +63,77 @@ def test_register_list_show_and_alias(tmp_path: Path) -> None:
     assert shown["details"][0]["metrics"] == {"auc": 0.91}
     assert shown["details"][0]["schema"][1] == {"name": "b", "type": "int"}
     assert "sha256" in run(home, "models", "show", "calc").stdout
+
+
+def test_show_prints_the_schema_in_order(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    model = write_python_model(tmp_path / "m")
+    colored = write_python_model(
+        tmp_path / "v2",
+        PYTHON_MODEL.replace(
+            '{"name": "c", "type": "float"},',
+            '{"name": "c", "type": "float"}, '
+            '{"name": "color", "type": "category", "categories": ["red", "blue"]},',
+        ),
+    )
+    assert run(home, "models", "register", "calc", str(model), "--format", "python").returncode == 0
+    assert run(home, "models", "register", "calc", str(colored), "--format", "python",
+               "--force-schema").returncode == 0  # fmt: skip
+
+    shown = run(home, "models", "show", "calc")
+
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.replace("│", " ").split() for line in shown.stdout.splitlines()]
+    assert ["1", "a", "float"] in rows
+    assert ["2", "b", "int"] in rows
+    assert ["3", "c", "float"] in rows
+    assert ["4", "color", "category", "red,", "blue"] in rows
+    assert shown.stdout.index("schema of version 2") < shown.stdout.index("schema of version 1")
+
+
+def test_register_says_what_it_does_and_refuses_identical_bytes(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    model = write_python_model(tmp_path / "m")
+
+    first = run(home, "models", "register", "calc", str(model), "--format", "python")
+
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "1\n"
+    assert first.stderr.splitlines() == [
+        "storing artifact…",
+        "loading to check…",
+        "registered calc v1",
+    ]
+    again = run(home, "models", "register", "calc", str(model), "--format", "python")
+    assert again.returncode == 1
+    assert again.stdout == ""
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [again.stderr.splitlines()[-1]]
+    assert errors[0].startswith("error: calc: version 1 already has this artifact (sha256 ")
+    assert errors[0].endswith(
+        "pass --allow-duplicate (API: allow_duplicate) to register the same bytes again"
+    )
+
+
+def test_a_schema_change_that_breaks_clients_needs_force_schema(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run(home, "models", "register", "calc", str(write_python_model(tmp_path / "m")),
+        "--format", "python")  # fmt: skip
+    fewer = write_python_model(
+        tmp_path / "v2", PYTHON_MODEL.replace('{"name": "c", "type": "float"},', "")
+    )
+
+    refused = run(home, "models", "register", "calc", str(fewer), "--format", "python")
+
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[-1] == (
+        "error: calc: this schema would break clients of version 1: feature 'c' is gone; "
+        "pass --force-schema (API: force_schema) to register it anyway"
+    )
+    forced = run(home, "models", "register", "calc", str(fewer), "--format", "python",
+                 "--force-schema")  # fmt: skip
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout == "2\n"
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
     found = load_settings(None, home=tmp_path / "home", database_url=database_url)
     model = write_python_model(tmp_path / "m")
     for _ in range(3):
-        register(found, "fraud", model, "python")
+        register(found, "fraud", model, "python", allow_duplicate=True)
     set_alias(found, "fraud", "champion", 1)
     return found
 
@@ -159,7 +159,7 @@ def test_the_command_end_to_end(tmp_path: Path) -> None:
     model = write_python_model(tmp_path / "m")
     settings: Any = load_settings(None, home=home)
     register(settings, "fraud", model, "python")
-    register(settings, "fraud", model, "python")
+    register(settings, "fraud", model, "python", allow_duplicate=True)
 
     done = run(home, "traffic", "set", "fraud", "1=80", "2=20")
     assert done.returncode == 0, done.stderr
@@ -190,7 +190,13 @@ class Model:
 def test_a_version_that_cannot_load_is_refused_and_blocks_nothing(
     cli: Callable[..., Result], settings: Settings, tmp_path: Path
 ) -> None:
-    register(settings, "fraud", write_python_model(tmp_path / "broken", BROKEN), "python")
+    register(
+        settings,
+        "fraud",
+        write_python_model(tmp_path / "broken", BROKEN),
+        "python",
+        force_schema=True,
+    )
     result = cli("canary", "fraud", "4", "--max-error-rate", "0.05")
     assert result.exit_code != 0
     assert isinstance(result.exception, TrafficError), result.output
@@ -253,7 +259,13 @@ def test_a_refused_change_is_one_line_from_the_command(tmp_path: Path) -> None:
     home = tmp_path / "home"
     settings: Any = load_settings(None, home=home)
     register(settings, "fraud", write_python_model(tmp_path / "m"), "python")
-    register(settings, "fraud", write_python_model(tmp_path / "broken", BROKEN), "python")
+    register(
+        settings,
+        "fraud",
+        write_python_model(tmp_path / "broken", BROKEN),
+        "python",
+        force_schema=True,
+    )
     done = run(home, "traffic", "canary", "fraud", "2", "--max-p99-ms", "50")
     assert done.returncode == 1
     assert done.stderr.startswith("error: fraud: version 2 cannot serve, change refused: ")

@@ -46,14 +46,19 @@ async def registry(database_url: str, tmp_path: Path, clock: StepClock) -> Async
 
 @pytest.fixture
 def model_file(tmp_path: Path) -> Callable[..., Path]:
-    """Write a ``python``-format model file and return its path."""
+    """Write a ``python``-format model file and return its path.
+
+    Without ``source``, each file is :data:`SUM_MODEL` plus a numbered comment: the
+    same model in new bytes, as registering identical bytes again is refused.
+    """
     counter = iter(range(1_000_000))
 
-    def write(source: str = SUM_MODEL, name: str | None = None) -> Path:
-        folder = tmp_path / "src" / str(next(counter))
+    def write(source: str | None = None, name: str | None = None) -> Path:
+        number = next(counter)
+        folder = tmp_path / "src" / str(number)
         folder.mkdir(parents=True)
         path = folder / (name or "model.py")
-        path.write_text(source)
+        path.write_text(SUM_MODEL + f"# file {number}\n" if source is None else source)
         return path
 
     return write

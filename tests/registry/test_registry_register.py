@@ -26,8 +26,10 @@ ModelFile = Callable[..., Path]
 async def test_register_twice_gives_versions_1_and_2(
     registry: Registry, model_file: ModelFile
 ) -> None:
-    first = await registry.register("fraud", model_file(), "python")
-    second = await registry.register("fraud", model_file(), ModelFormat.PYTHON)
+    first = await registry.register("fraud", model_file(SUM_MODEL), "python")
+    second = await registry.register(
+        "fraud", model_file(SUM_MODEL), ModelFormat.PYTHON, allow_duplicate=True
+    )
 
     sha = hashlib.sha256(SUM_MODEL.encode()).hexdigest()
     path = registry.artifacts.root / "sha256" / sha[:2] / sha / "model.py"
@@ -74,7 +76,9 @@ async def test_concurrent_registrations_of_new_models(
 ) -> None:
     path = model_file()
 
-    await asyncio.gather(*(registry.register(f"m{i % 3}", path, "python") for i in range(9)))
+    await asyncio.gather(
+        *(registry.register(f"m{i % 3}", path, "python", allow_duplicate=True) for i in range(9))
+    )
 
     routing = await registry.routing()
     assert {name: r.latest for name, r in routing.items()} == {"m0": 3, "m1": 3, "m2": 3}
@@ -255,7 +259,7 @@ async def test_missing_artifact_file(registry: Registry, tmp_path: Path) -> None
 async def test_artifact_is_stored_by_content_and_verified(
     registry: Registry, model_file: ModelFile
 ) -> None:
-    source = model_file()
+    source = model_file(SUM_MODEL)
     registered = await registry.register("fraud", source, "python")
     source.write_text("changed after registration\n")  # the stored copy is independent
 

@@ -121,7 +121,7 @@ async def test_no_aliases_message(registry: Registry, model_file: ModelFile) -> 
 async def test_long_version_lists_are_shortened(registry: Registry, model_file: ModelFile) -> None:
     path = model_file()
     for _ in range(12):
-        await registry.register("big", path, "python")
+        await registry.register("big", path, "python", allow_duplicate=True)
     with pytest.raises(ModelNotFoundError) as caught:
         await registry.resolve("big", 13)
     assert (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +197,52 @@ def test_schema_of_another_width_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ModelFormatError, match="takes 6 features"):
         LOADER.load(made.path, schema=other.schema)
+
+
+_INSPECT = """
+import sys
+from pathlib import Path
+from interlock.errors import ModelFormatError
+from interlock.runtime.loaders import inspect_artifact
+try:
+    inspect_artifact("lightgbm", Path(sys.argv[1]))
+except ModelFormatError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize(
+    ("cut", "message"),
+    [
+        (0.5, "it is truncated or damaged: 'end of trees' is missing"),
+        (0.999, "it is truncated or damaged: 'end of trees' is missing"),
+        (None, "its header has no num_class"),
+    ],
+)
+def test_a_truncated_or_damaged_file_is_refused_without_crashing(
+    tmp_path: Path, cut: float | None, message: str
+) -> None:
+    """LightGBM segfaults on a model file cut inside its trees: the file is checked first.
+
+    Run in a child process, so that a crash fails this test instead of ending pytest.
+    """
+    made = make_lightgbm(tmp_path, n_features=4)
+    raw = made.path.read_bytes()
+    damaged = tmp_path / "damaged.txt"
+    if cut is None:
+        damaged.write_bytes(raw.replace(b"num_class=", b"num_klass="))
+    else:
+        position = raw.index(b"end of trees") if cut > 0.99 else int(len(raw) * cut)
+        damaged.write_bytes(raw[:position])
+
+    result = subprocess.run(
+        [sys.executable, "-c", _INSPECT, str(damaged)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"damaged.txt is not a LightGBM model file: {message}\n"
+    assert "[LightGBM]" not in result.stderr + result.stdout

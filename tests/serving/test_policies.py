@@ -78,7 +78,7 @@ async def store(
     source = tmp_path / "model.py"
     source.write_text(SUM_MODEL)
     for _ in range(4):
-        await registry.register("fraud", source, "python")
+        await registry.register("fraud", source, "python", allow_duplicate=True)
     await registry.set_alias("fraud", "champion", 2)
     await registry.register("other", source, "python")
     return policies

@@ -51,7 +51,7 @@ async def http(
         source = tmp_path / "model.py"
         source.write_text(SUM_MODEL)
         for _ in range(3):
-            await registry.register("fraud", source, "python")
+            await registry.register("fraud", source, "python", allow_duplicate=True)
         api = FastAPI()
 
         @api.exception_handler(InterlockError)

@@ -11,6 +11,14 @@ Types:
 - ``bool``: ``true`` or ``false``.
 - ``category``: a string; with ``categories`` known, it is encoded as its index there
   (LightGBM's pandas-categorical coding) and an unseen value as a missing value.
+
+Compatibility. A client of one schema sends every feature by name (V1 rows) or by
+position (V2 ``[N, F]`` tensors), with values its types accept. Another schema keeps
+those clients working when it has the same names in the same order and each type
+accepts at least what it accepted before: a type may stay or widen ``int`` → ``float``.
+Every other change refuses something a client sends (``float`` takes no ``true``,
+``int`` no ``1.5``, ``bool`` no ``null``). :func:`breaking_change` says which feature
+breaks; category lists may change (an unseen category is a missing value).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["Feature", "FeatureSchema", "FeatureType"]
+__all__ = ["Feature", "FeatureSchema", "FeatureType", "breaking_change"]
 
 
 class FeatureType(StrEnum):
@@ -118,3 +126,37 @@ class FeatureSchema:
         if not isinstance(data, list) or not data:
             raise ValueError("a schema is a non-empty list of features")
         return cls(tuple(Feature.from_dict(item) for item in data))
+
+
+_WIDENINGS = frozenset({(FeatureType.INT, FeatureType.FLOAT)})
+
+
+def breaking_change(current: FeatureSchema, proposed: FeatureSchema) -> str | None:
+    """The first change in ``proposed`` that breaks clients of ``current``; None if none.
+
+    The answer names the feature: ``feature 'amount' is gone``, ``feature 'x' is new and
+    clients do not send it``, ``feature 'a' moved from position 1 to 2``, ``feature 'b'
+    changes from bool to float``.
+    """
+    old, new = current.names, proposed.names
+    for index, (was, now) in enumerate(zip(old, new, strict=False)):
+        if was == now:
+            continue
+        if proposed.position(was) is None:
+            return f"feature {was!r} is gone"
+        if current.position(now) is None:
+            return f"feature {now!r} is new and clients do not send it"
+        return f"feature {was!r} moved from position {index + 1} to {_position(proposed, was)}"
+    if len(new) > len(old):
+        return f"feature {new[len(old)]!r} is new and clients do not send it"
+    if len(old) > len(new):
+        return f"feature {old[len(new)]!r} is gone"
+    for before, after in zip(current.features, proposed.features, strict=True):
+        if before.type is not after.type and (before.type, after.type) not in _WIDENINGS:
+            return f"feature {before.name!r} changes from {before.type.value} to {after.type.value}"
+    return None
+
+
+def _position(schema: FeatureSchema, name: str) -> int:
+    """1-based position of a feature known to be in ``schema``."""
+    return (schema.position(name) or 0) + 1

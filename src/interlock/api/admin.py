@@ -111,6 +111,12 @@ def build_admin_router(
         artifact: Annotated[UploadFile, File(description="the model file")],
         format: Annotated[str, Form(description="lightgbm, xgboost, onnx, sklearn or python")],
         alias: Annotated[str | None, Form()] = None,
+        allow_duplicate: Annotated[
+            bool, Form(description="register bytes a version already has, again")
+        ] = False,
+        force_schema: Annotated[
+            bool, Form(description="register a schema that breaks current clients")
+        ] = False,
         feature_schema: Annotated[
             str | None, Form(alias="schema", description="the feature schema as JSON")
         ] = None,
@@ -142,6 +148,8 @@ def build_admin_router(
                 tags=_json_field("tags", tags),
                 alias=alias,
                 trusted=trust,
+                allow_duplicate=allow_duplicate,
+                force_schema=force_schema,
             )
         if alias is not None:
             await manager.refresh()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +17,7 @@ from interlock._core.schema import FeatureSchema
 from interlock.app import open_registry
 from interlock.cli._context import settings_from
 from interlock.errors import ConfigError
-from interlock.registry import describe_model, describe_version
+from interlock.registry import ModelVersion, Progress, describe_model, describe_version
 from interlock.runtime.base import ModelFormat
 
 __all__ = ["alias", "app", "list_models", "register", "show"]
@@ -44,6 +46,25 @@ def _schema(path: Path | None) -> FeatureSchema | None:
         raise ConfigError(f"schema file {path}: {exc}") from None
 
 
+@contextmanager
+def _progress() -> Iterator[Progress]:
+    """Each step of a registration: a spinner on a terminal, else a line on stderr."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda step: typer.echo(step, err=True)
+        return
+    last: list[str] = []
+    with console.status("registering…") as status:
+
+        def tell(step: str) -> None:
+            last[:] = [step]
+            status.update(step)
+
+        yield tell
+    if last and last[0].startswith("registered "):
+        console.print(last[0])
+
+
 @app.command("register")
 def register(
     ctx: typer.Context,
@@ -52,31 +73,60 @@ def register(
     format: Annotated[ModelFormat, typer.Option("--format", "-f", help="The artifact's format.")],
     alias: Annotated[str | None, typer.Option(help="Point this alias at the new version.")] = None,
     schema: Annotated[
-        Path | None, typer.Option(help="JSON feature schema, for formats without names.")
+        Path | None,
+        typer.Option(
+            help="JSON feature schema. Default: the model's current schema when the artifact "
+            "takes the same features, else the artifact's own (names are required then)."
+        ),
     ] = None,
     metrics: Annotated[Path | None, typer.Option(help="JSON object of metrics.")] = None,
     tags: Annotated[Path | None, typer.Option(help="JSON object of tags.")] = None,
     trust: Annotated[
         bool, typer.Option("--trust", help="Allow a pickle: it can run arbitrary code.")
     ] = False,
+    force_schema: Annotated[
+        bool,
+        typer.Option(
+            "--force-schema",
+            help="Register a schema that breaks the current version's clients (a feature "
+            "removed, renamed, added or moved, or a type narrowed).",
+        ),
+    ] = False,
+    allow_duplicate: Annotated[
+        bool,
+        typer.Option(
+            "--allow-duplicate", help="Register bytes a version of NAME already has, again."
+        ),
+    ] = False,
 ) -> None:
-    """Register a new version of NAME and print its version number."""
-    settings = settings_from(ctx)
+    """Register a new version of NAME and print its version number.
 
-    async def run() -> Any:
+    The artifact is loaded and checked against its schema before the version exists;
+    steps go to stderr, the version number to stdout.
+    """
+    settings = settings_from(ctx)
+    parsed_schema = _schema(schema)
+    parsed_metrics = _read_json("metrics", metrics)
+    parsed_tags = _read_json("tags", tags)
+
+    async def run(tell: Progress) -> Any:
         async with open_registry(settings) as registry:
             return await registry.register(
                 name,
                 path,
                 format.value,
-                schema=_schema(schema),
-                metrics=_read_json("metrics", metrics),
-                tags=_read_json("tags", tags),
+                schema=parsed_schema,
+                metrics=parsed_metrics,
+                tags=parsed_tags,
                 alias=alias,
                 trusted=trust,
+                force_schema=force_schema,
+                allow_duplicate=allow_duplicate,
+                progress=tell,
             )
 
-    version = asyncio.run(run())
+    with _progress() as tell:
+        version = asyncio.run(run(tell))
     typer.echo(version.version)
 
 
@@ -109,7 +159,7 @@ def show(
     name: Annotated[str, typer.Argument(help="Model name.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Show a model's versions: format, sha256, metrics, schema, aliases."""
+    """Show a model's versions (format, sha256, metrics, aliases) and their schemas."""
     settings = settings_from(ctx)
 
     async def run() -> tuple[Any, list[Any]]:
@@ -137,6 +187,36 @@ def show(
             v.created_at.isoformat(timespec="seconds"),
         )
     console.print(table)
+    _print_schemas(console, versions)
+
+
+def _print_schemas(console: Console, versions: list[ModelVersion]) -> None:
+    """Each distinct schema once, newest first, with the versions that have it."""
+    groups: dict[str, list[ModelVersion]] = {}
+    for v in versions:
+        groups.setdefault(json.dumps(v.schema.to_list(), sort_keys=True), []).append(v)
+    for group in sorted(groups.values(), key=lambda g: -g[-1].version):
+        numbers = ", ".join(str(v.version) for v in group)
+        label = "version" if len(group) == 1 else "versions"
+        table = Table(title=f"schema of {label} {numbers}", title_justify="left")
+        table.add_column("#", justify="right")
+        table.add_column("feature", no_wrap=True)
+        table.add_column("type", no_wrap=True)
+        table.add_column("range", no_wrap=True)
+        table.add_column("categories")
+        for position, feature in enumerate(group[-1].schema.features, start=1):
+            low = "" if feature.minimum is None else f"{feature.minimum:.6g}"
+            high = "" if feature.maximum is None else f"{feature.maximum:.6g}"
+            cats = feature.categories or ()
+            shown = ", ".join(cats[:6]) + (f", … ({len(cats)})" if len(cats) > 6 else "")
+            table.add_row(
+                str(position),
+                feature.name,
+                feature.type.value,
+                f"{low}..{high}" if low or high else "",
+                shown,
+            )
+        console.print(table)
 
 
 @app.command("alias")

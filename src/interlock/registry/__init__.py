@@ -16,7 +16,7 @@ from interlock.registry.records import (
     describe_model,
     describe_version,
 )
-from interlock.registry.registry import Inspector, Registry
+from interlock.registry.registry import Inspector, Progress, Registry
 
 __all__ = [
     "CHAMPION",
@@ -26,6 +26,7 @@ __all__ = [
     "ModelRouting",
     "ModelSummary",
     "ModelVersion",
+    "Progress",
     "Registry",
     "VersionInfo",
     "describe_model",

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -29,8 +31,9 @@ from sqlalchemy.engine import Connection
 from interlock._core.clock import Clock
 from interlock._core.formats import ModelFormat
 from interlock._core.schema import FeatureSchema
-from interlock.errors import ModelNotFoundError, RegistryError
+from interlock.errors import InterlockError, ModelNotFoundError, RegistryError
 from interlock.registry import _rules
+from interlock.registry._evolution import Base, evolve_schema
 from interlock.registry.records import ModelRouting, ModelSummary, ModelVersion
 from interlock.store.artifacts import ArtifactStore, StoredArtifact
 from interlock.store.db import Database
@@ -40,20 +43,30 @@ from interlock.store.tables import model_aliases, model_versions, models
 if TYPE_CHECKING:
     from interlock.runtime.base import Inspection
 
-__all__ = ["Inspector", "Registry"]
+__all__ = ["Inspector", "Progress", "Registry"]
+
+_log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+"""Told each step of a registration: ``storing artifact…``, ``loading to check…``,
+``registered fraud v3``."""
 
 _mv = model_versions
 _ma = model_aliases
 
 
 class Inspector(Protocol):
-    """Reads an artifact once at registration; blocking, run in a worker thread.
+    """Reads an artifact at registration; blocking, run in a worker thread.
 
     Raises ``ModelFormatError`` or ``UnsafeArtifactError`` when the artifact cannot be
-    registered. ``interlock.runtime.loaders.inspect_artifact`` is one.
+    registered. With ``schema``, loads the artifact as serving will, with that schema,
+    and raises ``ModelFormatError`` when the model does not take it.
+    ``interlock.runtime.loaders.inspect_artifact`` is one.
     """
 
-    def __call__(self, fmt: str, path: Path, *, trusted: bool) -> Inspection: ...
+    def __call__(
+        self, fmt: str, path: Path, *, trusted: bool, schema: FeatureSchema | None = None
+    ) -> Inspection: ...
 
 
 class Registry:
@@ -82,12 +95,27 @@ class Registry:
         tags: Mapping[str, str] | None = None,
         alias: str | None = None,
         trusted: bool = False,
+        allow_duplicate: bool = False,
+        force_schema: bool = False,
+        progress: Progress | None = None,
     ) -> ModelVersion:
         """Store an artifact as the next version of ``name`` (created on first use).
 
-        The artifact is copied into the store and inspected there, so the bytes
-        inspected are the bytes served. ``alias``, when given, is pointed at the new
-        version in the same transaction.
+        The artifact is copied into a staging area of the store and checked there, so
+        the bytes checked are the bytes served; it enters the store only with its
+        version, and a refused registration leaves no file behind. The checks, in order:
+
+        - bytes another version of ``name`` already has are refused, naming it, unless
+          ``allow_duplicate``;
+        - the artifact must load (``inspector``); its schema is decided by
+          :func:`~interlock.registry._evolution.evolve_schema`: a new version inherits
+          the schema of the version clients use, and a change that breaks them is
+          refused unless ``force_schema``;
+        - the artifact is loaded with that schema, as serving will load it.
+
+        ``alias``, when given, is pointed at the new version in the same transaction.
+        ``progress`` is told each step (``storing artifact…``…). A refusal is one line
+        (a :class:`RegistryError`); what the libraries said is logged.
         """
         _rules.check_name(name)
         if alias is not None:
@@ -95,53 +123,123 @@ class Registry:
         clean_metrics = _rules.clean_metrics(name, metrics)
         clean_tags = _rules.clean_tags(name, tags)
         model_format = _rules.parse_format(fmt)
-        stored = await asyncio.to_thread(self._store, name, Path(path))
-        inspection = await asyncio.to_thread(
-            self._inspect, model_format.value, stored.path, trusted=trusted
-        )
-        final_schema = _rules.decide_schema(name, model_format.value, inspection.schema, schema)
-        now = self._clock.now().astimezone(UTC)
-        row: dict[str, Any] = {
-            "model": name,
-            "format": model_format.value,
-            "artifact_sha256": stored.sha256,
-            "artifact_name": stored.path.name,
-            "schema": final_schema.to_list(),
-            "task": str(inspection.task),
-            "metrics": clean_metrics,
-            "tags": clean_tags,
-            "trusted": trusted,
-            "created_at": now,
-        }
-
-        def insert(conn: Connection) -> int:
-            insert_or_ignore(conn, models, {"name": name, "created_at": now})
-            # Concurrent registrations of one model queue on this row lock (PostgreSQL);
-            # on SQLite every writing transaction already holds the database write lock.
-            conn.execute(sa.select(models.c.name).where(models.c.name == name).with_for_update())
-            latest = conn.execute(
-                sa.select(sa.func.max(_mv.c.version)).where(_mv.c.model == name)
-            ).scalar_one()
-            version = int(latest or 0) + 1
-            conn.execute(sa.insert(_mv).values({**row, "version": version}))
-            if alias is not None:
-                _set_alias(conn, name, alias, version, now)
-            return version
-
-        version = await self._db.run(insert)
+        tell = progress or _silent
+        tell("storing artifact…")
+        staged = await asyncio.to_thread(self._stage, name, Path(path))
+        try:
+            version, stored, final_schema, task = await self._register_staged(
+                name,
+                model_format,
+                staged,
+                explicit=schema,
+                alias=alias,
+                trusted=trusted,
+                allow_duplicate=allow_duplicate,
+                force_schema=force_schema,
+                row={"metrics": clean_metrics, "tags": clean_tags, "trusted": trusted},
+                tell=tell,
+            )
+        except InterlockError as exc:
+            # The user gets the one line; what the model library said (the chained
+            # cause, with its native messages and paths) is for the log.
+            _log.info(
+                "registration of %s (%s) refused: %s",
+                name,
+                Path(path).name,
+                exc,
+                exc_info=exc if exc.__cause__ is not None else None,
+            )
+            raise
+        finally:
+            await asyncio.to_thread(self._artifacts.discard, staged)
+        tell(f"registered {name} v{version.version}")
         return ModelVersion(
             model=name,
-            version=version,
+            version=version.version,
             format=model_format,
             artifact_sha256=stored.sha256,
             artifact_path=stored.path,
             schema=final_schema,
-            task=row["task"],
+            task=task,
             metrics=clean_metrics,
             tags=clean_tags,
             trusted=trusted,
-            created_at=now,
+            created_at=version.created_at,
         )
+
+    async def _register_staged(
+        self,
+        name: str,
+        model_format: ModelFormat,
+        staged: StoredArtifact,
+        *,
+        explicit: FeatureSchema | None,
+        alias: str | None,
+        trusted: bool,
+        allow_duplicate: bool,
+        force_schema: bool,
+        row: dict[str, Any],
+        tell: Progress,
+    ) -> tuple[_Inserted, StoredArtifact, FeatureSchema, str]:
+        fmt = model_format.value
+        base = await self._db.run(
+            lambda conn: _before_insert(conn, name, staged.sha256, allow_duplicate),
+            readonly=True,
+        )
+        tell("loading to check…")
+        inspection = await asyncio.to_thread(self._inspect, fmt, staged.path, trusted=trusted)
+        n_features = inspection.details.get("n_features")
+
+        def decide(current: Base | None) -> FeatureSchema:
+            return evolve_schema(
+                name,
+                fmt,
+                inspected=inspection.schema,
+                n_features=n_features if isinstance(n_features, int) else None,
+                explicit=explicit,
+                base=current,
+                force=force_schema,
+            )
+
+        final_schema = decide(base)
+        await asyncio.to_thread(
+            self._inspect, fmt, staged.path, trusted=trusted, schema=final_schema
+        )
+        now = self._clock.now().astimezone(UTC)
+        values: dict[str, Any] = {
+            **row,
+            "model": name,
+            "format": fmt,
+            "artifact_sha256": staged.sha256,
+            "artifact_name": staged.path.name,
+            "schema": final_schema.to_list(),
+            "task": str(inspection.task),
+            "created_at": now,
+        }
+
+        def insert(conn: Connection) -> tuple[_Inserted, StoredArtifact]:
+            insert_or_ignore(conn, models, {"name": name, "created_at": now})
+            # Concurrent registrations of one model queue on this row lock (PostgreSQL);
+            # on SQLite every writing transaction already holds the database write lock.
+            conn.execute(sa.select(models.c.name).where(models.c.name == name).with_for_update())
+            current = _before_insert(conn, name, staged.sha256, allow_duplicate)
+            if current != base and decide(current) != final_schema:
+                raise RegistryError(
+                    f"{name}: another version was registered meanwhile and changes the "
+                    "schema this one would get; register it again"
+                )
+            latest = conn.execute(
+                sa.select(sa.func.max(_mv.c.version)).where(_mv.c.model == name)
+            ).scalar_one()
+            version = int(latest or 0) + 1
+            conn.execute(sa.insert(_mv).values({**values, "version": version}))
+            if alias is not None:
+                _set_alias(conn, name, alias, version, now)
+            # Into the store last: a failure here rolls the row back with it.
+            return _Inserted(version, now), self._artifacts.commit(staged)
+
+        inserted, stored = await self._db.run(insert)
+        return inserted, stored, final_schema, values["task"]
 
     async def list_models(self) -> list[ModelSummary]:
         """Every model, by name."""
@@ -297,10 +395,10 @@ class Registry:
             self._artifacts.verify, version.artifact_path, version.artifact_sha256
         )
 
-    def _store(self, name: str, path: Path) -> StoredArtifact:
+    def _stage(self, name: str, path: Path) -> StoredArtifact:
         if not path.is_file():
             raise RegistryError(f"{name}: {path} is not a file")
-        return self._artifacts.put(path)
+        return self._artifacts.stage(path)
 
     def _version(self, row: sa.RowMapping) -> ModelVersion:
         return ModelVersion(
@@ -316,6 +414,39 @@ class Registry:
             trusted=row["trusted"],
             created_at=row["created_at"],
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Inserted:
+    version: int
+    created_at: datetime
+
+
+def _silent(step: str) -> None:
+    """The default :data:`Progress`: says nothing."""
+
+
+def _before_insert(conn: Connection, name: str, sha256: str, allow_duplicate: bool) -> Base | None:
+    """The version clients of ``name`` use, after refusing bytes a version already has."""
+    if not allow_duplicate:
+        same = conn.execute(
+            sa.select(sa.func.min(_mv.c.version)).where(
+                _mv.c.model == name, _mv.c.artifact_sha256 == sha256
+            )
+        ).scalar_one_or_none()
+        if same is not None:
+            raise RegistryError(
+                f"{name}: version {same} already has this artifact (sha256 {sha256[:12]}); "
+                "pass --allow-duplicate (API: allow_duplicate) to register the same bytes again"
+            )
+    versions, aliases = _state(conn, name)
+    if not versions:
+        return None
+    target = ModelRouting(versions[-1], aliases).version_for(None) or versions[-1]
+    raw = conn.execute(
+        sa.select(_mv.c.schema).where(_mv.c.model == name, _mv.c.version == target)
+    ).scalar_one()
+    return Base(target, FeatureSchema.from_list(raw))
 
 
 def _set_alias(conn: Connection, name: str, alias: str, version: int, now: datetime) -> None:

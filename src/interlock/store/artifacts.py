@@ -2,19 +2,20 @@
 
 An artifact is stored once per content and file name, at
 ``<root>/sha256/<sha[:2]>/<sha>/<original file name>``: the name is kept because model
-formats read it (the ``python`` format needs ``.py``). Writes go to a temporary file in
-``<root>/tmp`` and are renamed into place, so a reader never sees a partial file and
-two processes storing the same bytes at once both succeed.
+formats read it (the ``python`` format needs ``.py``). Writes go to a private staging
+directory in ``<root>/tmp`` and are renamed into place, so a reader never sees a partial
+file and two processes storing the same bytes at once both succeed. The registry checks
+the staged copy before committing it, so a refused artifact leaves no file behind.
 
 Every method blocks; async callers run them in a worker thread.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,38 +57,63 @@ class ArtifactStore:
 
     def put(self, src: Path) -> StoredArtifact:
         """Copy ``src`` into the store, hashing while copying; a no-op for stored bytes."""
-        src = Path(src)
-        tmp_dir = self._root / "tmp"
+        staged = self.stage(src)
         try:
-            tmp_dir.mkdir(parents=True, exist_ok=True)
-            with src.open("rb") as reader:
-                fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix="put-")
-                tmp = Path(tmp_name)
-                try:
-                    digest = hashlib.sha256()
-                    with os.fdopen(fd, "wb") as writer:
-                        while chunk := reader.read(_CHUNK_BYTES):
-                            digest.update(chunk)
-                            writer.write(chunk)
-                        writer.flush()
-                        os.fsync(writer.fileno())
-                    sha256 = digest.hexdigest()
-                    final = self.path(sha256, src.name)
-                    if final.is_file():
-                        return StoredArtifact(sha256, final)
-                    final.parent.mkdir(parents=True, exist_ok=True)
-                    tmp.chmod(0o644)
-                    tmp.replace(final)
-                    return StoredArtifact(sha256, final)
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        tmp.unlink()
-        except FileNotFoundError as exc:
-            raise StoreError(f"artifact not found: {src}") from exc
-        except IsADirectoryError as exc:
-            raise StoreError(f"an artifact is a single file, not a directory: {src}") from exc
+            return self.commit(staged)
+        finally:
+            self.discard(staged)
+
+    def stage(self, src: Path) -> StoredArtifact:
+        """Copy ``src`` into a private directory under ``<root>/tmp``, hashing while copying.
+
+        The copy keeps its file name. :meth:`commit` moves it into the store and
+        :meth:`discard` removes what is left: a caller that checks the copy first and
+        fails leaves nothing behind.
+        """
+        src = Path(src)
+        tmp_root = self._root / "tmp"
+        try:
+            tmp_root.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(dir=tmp_root, prefix="stage-"))
         except OSError as exc:
-            raise StoreError(f"cannot store {src} in {self._root}: {exc}") from exc
+            raise StoreError(f"cannot write to the artifact store: {exc.strerror}") from exc
+        target = folder / (src.name or "artifact")
+        try:
+            with src.open("rb") as reader, target.open("wb") as writer:
+                digest = hashlib.sha256()
+                while chunk := reader.read(_CHUNK_BYTES):
+                    digest.update(chunk)
+                    writer.write(chunk)
+                writer.flush()
+                os.fsync(writer.fileno())
+            target.chmod(0o644)
+        except BaseException as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(exc, FileNotFoundError):
+                raise StoreError(f"artifact not found: {src}") from exc
+            if isinstance(exc, IsADirectoryError):
+                raise StoreError(f"an artifact is a single file, not a directory: {src}") from exc
+            if isinstance(exc, OSError):
+                raise StoreError(f"cannot store {src.name}: {exc.strerror}") from exc
+            raise
+        return StoredArtifact(digest.hexdigest(), target)
+
+    def commit(self, staged: StoredArtifact) -> StoredArtifact:
+        """Move a staged file to its place in the store (kept when already there)."""
+        final = self.path(staged.sha256, staged.path.name)
+        try:
+            if not final.is_file():
+                final.parent.mkdir(parents=True, exist_ok=True)
+                staged.path.replace(final)
+        except OSError as exc:
+            raise StoreError(f"cannot store {final.name}: {exc.strerror}") from exc
+        return StoredArtifact(staged.sha256, final)
+
+    def discard(self, staged: StoredArtifact) -> None:
+        """Remove a staged file and its private directory, whether committed or not."""
+        folder = staged.path.parent
+        if folder.parent == self._root / "tmp":
+            shutil.rmtree(folder, ignore_errors=True)
 
     def verify(self, path: Path, sha256: str) -> None:
         """Re-hash ``path``; raise :class:`ArtifactIntegrityError` unless it is ``sha256``."""

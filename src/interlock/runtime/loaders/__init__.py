@@ -40,9 +40,27 @@ def get_loader(fmt: ModelFormat | str) -> Loader:
     return loader
 
 
-def inspect_artifact(fmt: ModelFormat | str, path: Path, *, trusted: bool = False) -> Inspection:
-    """Load an artifact once and read what its format carries; blocking."""
-    return get_loader(fmt).inspect(path, trusted=trusted)
+def inspect_artifact(
+    fmt: ModelFormat | str,
+    path: Path,
+    *,
+    trusted: bool = False,
+    schema: FeatureSchema | None = None,
+) -> Inspection:
+    """Load an artifact once and read what its format carries; blocking.
+
+    With ``schema``, the artifact is loaded instead as serving will load it, with that
+    schema, and closed again: :class:`ModelFormatError` when the model does not take it
+    (another feature count, or probe rows of that width the model refuses). The
+    inspection returned then holds just that schema. A ``python`` model reads its rows
+    by name, so there is nothing to check (and its code is not run twice).
+    """
+    loader = get_loader(fmt)
+    if schema is None:
+        return loader.inspect(path, trusted=trusted)
+    if loader.format is not ModelFormat.PYTHON:
+        loader.load(path, schema=schema, threads=1, trusted=trusted).close()
+    return Inspection(schema=schema)
 
 
 def load_predictor(

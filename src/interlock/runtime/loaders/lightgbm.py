@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ import numpy.typing as npt
 from interlock._core.schema import Feature, FeatureSchema, FeatureType
 from interlock.errors import ModelFormatError, PredictionError, RuntimeLoadError
 from interlock.runtime.base import Inspection, ModelFormat, Predictor, Task, as_matrix
+from interlock.runtime.loaders._messages import library_message
 
 __all__ = ["LOADER", "LightGBMLoader", "LightGBMPredictor"]
 
@@ -63,13 +65,65 @@ _MULTICLASS_OBJECTIVES = frozenset({"multiclass", "multiclassova"})
 _UNKNOWN_OBJECTIVES = frozenset({"", "custom", "none"})
 
 
+_native_log = logging.getLogger(f"{__name__}.native")
+_routed = False
+
+
+def _route_native_log() -> None:
+    """Send LightGBM's own log lines (``[LightGBM] [Fatal] …``) to logging, not stdout."""
+    global _routed
+    if not _routed:
+        lightgbm.register_logger(_native_log, info_method_name="info")
+        _routed = True
+
+
+_TREE_SIZES = re.compile(rb"\ntree_sizes=([0-9 ]*)\r?\n")
+
+
+def _damage(raw: bytes) -> str | None:
+    """What is wrong with a model text file, checked before LightGBM reads it; or None.
+
+    LightGBM prints its fatal errors to stderr itself (``[LightGBM] [Fatal] …``, with the
+    file's path) before raising, and a file cut inside its trees crashes the process
+    (it reads each tree at the offset ``tree_sizes`` gives). So the file's frame is
+    checked here: the ``tree`` line, the header keys LightGBM requires, each tree where
+    ``tree_sizes`` puts it, and the ``end of trees`` line.
+    """
+    if raw.split(b"\n", 1)[0].strip() != b"tree":
+        return "it does not start with 'tree' (save it with Booster.save_model)"
+    header_end = raw.find(b"\nTree=")
+    header = raw[: header_end + 1] if header_end >= 0 else raw
+    for key in (b"num_class", b"max_feature_idx"):
+        if b"\n" + key + b"=" not in header:
+            return f"its header has no {key.decode()}"
+    end = raw.find(b"end of trees")
+    if end < 0:
+        return "it is truncated or damaged: 'end of trees' is missing"
+    sizes = _TREE_SIZES.search(header)
+    if sizes is not None and header_end >= 0:
+        offset = header_end + 1
+        for size in (int(s) for s in sizes.group(1).split()):
+            if raw[offset : offset + 5] != b"Tree=":
+                return "it is truncated or damaged: a tree is not where tree_sizes puts it"
+            offset += size
+        if offset > end:
+            return "it is truncated or damaged: its trees overrun 'end of trees'"
+    return None
+
+
 def _open(path: Path) -> lightgbm.Booster:
     if not path.is_file():
         raise ModelFormatError(f"{path.name}: no such file")
+    _route_native_log()
+    problem = _damage(path.read_bytes())
+    if problem is not None:
+        raise ModelFormatError(f"{path.name} is not a LightGBM model file: {problem}")
     try:
         return lightgbm.Booster(model_file=str(path))
     except (lightgbm.basic.LightGBMError, OSError, ValueError) as exc:
-        raise ModelFormatError(f"{path.name} is not a LightGBM model file: {exc}") from exc
+        raise ModelFormatError(
+            f"{path.name} is not a LightGBM model file: {library_message(exc, path)}"
+        ) from exc
 
 
 def _categorical_indices(booster: lightgbm.Booster, infos: dict[str, Any]) -> list[int]:
@@ -323,7 +377,7 @@ class LightGBMPredictor:
         try:
             out = self._booster.predict(x, num_threads=self._threads)
         except (lightgbm.basic.LightGBMError, ValueError) as exc:
-            raise PredictionError(f"LightGBM failed to predict: {exc}") from exc
+            raise PredictionError(f"LightGBM failed to predict: {library_message(exc)}") from exc
         return np.asarray(out, dtype=np.float64)
 
     def predict(self, batch: Matrix) -> Matrix:

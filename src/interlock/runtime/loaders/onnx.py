@@ -40,6 +40,7 @@ import onnxruntime
 from interlock._core.schema import Feature, FeatureSchema, FeatureType
 from interlock.errors import FeatureError, ModelFormatError, PredictionError
 from interlock.runtime.base import Inspection, ModelFormat, Predictor, Task, as_matrix
+from interlock.runtime.loaders._messages import library_message
 
 __all__ = ["LOADER", "OnnxLoader", "OnnxPredictor"]
 
@@ -96,7 +97,7 @@ def _session(model: bytes, threads: int) -> onnxruntime.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions; no C++ lines on stderr
     return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
@@ -108,7 +109,7 @@ def _open(path: Path, threads: int) -> tuple[bytes, onnxruntime.InferenceSession
         return raw, _session(raw, threads)
     except Exception as exc:  # onnxruntime's errors share no base class but Exception
         raise ModelFormatError(
-            f"{path.name} is not an ONNX model onnxruntime can run: {exc}"
+            f"{path.name} is not an ONNX model onnxruntime can run: {library_message(exc, path)}"
         ) from exc
 
 
@@ -253,7 +254,7 @@ class OnnxPredictor:
         except FeatureError:
             raise
         except Exception as exc:  # onnxruntime's errors share no base class but Exception
-            raise PredictionError(f"onnxruntime failed to predict: {exc}") from exc
+            raise PredictionError(f"onnxruntime failed to predict: {library_message(exc)}") from exc
         if self._zipmap:
             classes = self._classes
             return np.array([[row[c] for c in classes] for row in out], dtype=np.float64)
@@ -366,7 +367,9 @@ class OnnxLoader:
         try:
             probe_out = predictor._settle(np.zeros((2, n_features), dtype=np.float64))
         except Exception as exc:  # onnxruntime's errors share no base class but Exception
-            raise ModelFormatError(f"{path.name} failed on a probe row of zeros: {exc}") from exc
+            raise ModelFormatError(
+                f"{path.name} failed on a probe row of zeros: {library_message(exc, path)}"
+            ) from exc
         task = _task(output, probe_out)
         if output.probabilities and predictor._classes:
             details["classes"] = predictor._classes

@@ -18,6 +18,7 @@ from typing import Any
 from interlock._core.schema import Feature, FeatureSchema
 from interlock.errors import ModelFormatError
 from interlock.runtime.base import Inspection, ModelFormat, Predictor
+from interlock.runtime.loaders._messages import library_message
 
 __all__ = ["LOADER", "PythonLoader", "PythonPredictor"]
 
@@ -35,14 +36,18 @@ def _instantiate(path: Path) -> Any:
         code = compile(path.read_bytes(), str(path), "exec")
         exec(code, module.__dict__)  # noqa: S102 - running the registered model is the point
     except Exception as exc:
-        raise ModelFormatError(f"{path.name} failed to import: {exc!r}") from exc
+        raise ModelFormatError(
+            f"{path.name} failed to import: {type(exc).__name__}: {library_message(exc, path)}"
+        ) from exc
     cls = getattr(module, "Model", None)
     if not isinstance(cls, type) or not callable(getattr(cls, "predict", None)):
         raise ModelFormatError(f"{path.name} must define class Model with a predict(rows) method")
     try:
         return cls()
     except Exception as exc:
-        raise ModelFormatError(f"{path.name}: Model() failed: {exc!r}") from exc
+        raise ModelFormatError(
+            f"{path.name}: Model() failed: {type(exc).__name__}: {library_message(exc, path)}"
+        ) from exc
 
 
 def _declared_schema(model: Any) -> FeatureSchema | None:

@@ -52,6 +52,7 @@ from sklearn.utils.validation import check_is_fitted
 from interlock._core.schema import Feature, FeatureSchema
 from interlock.errors import ModelFormatError, PredictionError, UnsafeArtifactError
 from interlock.runtime.base import Inspection, ModelFormat, Predictor, Task, as_matrix
+from interlock.runtime.loaders._messages import library_message
 
 __all__ = ["LOADER", "SklearnLoader", "SklearnPredictor"]
 
@@ -79,7 +80,9 @@ def _load_skops(path: Path, trusted: bool) -> tuple[Any, list[str]]:
     try:
         untrusted = skops.io.get_untrusted_types(file=path)
     except Exception as exc:  # a damaged archive can fail in zipfile, json or skops
-        raise ModelFormatError(f"{path.name} is not a skops file: {exc}") from exc
+        raise ModelFormatError(
+            f"{path.name} is not a skops file: {library_message(exc, path)}"
+        ) from exc
     library = [name for name in untrusted if _is_library_class(name)]
     others = [name for name in untrusted if name not in library]
     if others and not trusted:
@@ -90,7 +93,9 @@ def _load_skops(path: Path, trusted: bool) -> tuple[Any, list[str]]:
     try:
         model = skops.io.load(path, trusted=untrusted if trusted else library)
     except Exception as exc:  # skops surfaces the failing type's own errors
-        raise ModelFormatError(f"{path.name} could not be loaded by skops: {exc}") from exc
+        raise ModelFormatError(
+            f"{path.name} could not be loaded by skops: {library_message(exc, path)}"
+        ) from exc
     return model, untrusted
 
 
@@ -105,7 +110,9 @@ def _load_pickle(path: Path, trusted: bool) -> Any:
     try:
         return joblib.load(path)
     except Exception as exc:  # unpickling can raise anything
-        raise ModelFormatError(f"{path.name} could not be unpickled: {exc}") from exc
+        raise ModelFormatError(
+            f"{path.name} could not be unpickled: {library_message(exc, path)}"
+        ) from exc
 
 
 def _open(path: Path, trusted: bool) -> tuple[Any, dict[str, Any]]:
@@ -129,7 +136,9 @@ def _open(path: Path, trusted: bool) -> tuple[Any, dict[str, Any]]:
     try:
         check_is_fitted(model)
     except (NotFittedError, TypeError) as exc:
-        raise ModelFormatError(f"{path.name}: the estimator is not fitted: {exc}") from exc
+        raise ModelFormatError(
+            f"{path.name}: the estimator is not fitted: {library_message(exc, path)}"
+        ) from exc
     return model, details
 
 
@@ -249,7 +258,9 @@ class SklearnPredictor:
         try:
             out = self._call(x if self._frame is None else self._frame(x))
         except Exception as exc:  # scikit-learn and user code raise many types
-            raise PredictionError(f"scikit-learn failed to predict: {exc}") from exc
+            raise PredictionError(
+                f"scikit-learn failed to predict: {library_message(exc)}"
+            ) from exc
         if self._column is not None:
             return np.ascontiguousarray(out[:, self._column], dtype=np.float64)
         out = np.asarray(out)

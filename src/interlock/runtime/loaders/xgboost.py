@@ -50,6 +50,7 @@ import xgboost
 from interlock._core.schema import Feature, FeatureSchema, FeatureType
 from interlock.errors import ModelFormatError, PredictionError, RuntimeLoadError
 from interlock.runtime.base import Inspection, ModelFormat, Predictor, Task, as_matrix
+from interlock.runtime.loaders._messages import library_message
 
 __all__ = ["LOADER", "XGBoostLoader", "XGBoostPredictor"]
 
@@ -75,9 +76,9 @@ _CONFIG = (
 _ARRAY = b'{"data":[%d,true],"shape":[%d,%d],"strides":null,"typestr":"<f8","version":3}'
 
 
-def _message(exc: BaseException) -> str:
-    """XGBoost's message without its native stack trace."""
-    return str(exc).split("Stack trace:", 1)[0].strip()
+def _message(exc: BaseException, path: Path | None = None) -> str:
+    """XGBoost's message as one line: no source location, stack trace or directories."""
+    return library_message(exc, path)
 
 
 def _open(path: Path) -> xgboost.Booster:
@@ -88,7 +89,9 @@ def _open(path: Path) -> xgboost.Booster:
     try:
         return xgboost.Booster(model_file=raw)
     except (xgboost.core.XGBoostError, ValueError) as exc:
-        raise ModelFormatError(f"{path.name} is not an XGBoost model: {_message(exc)}") from exc
+        raise ModelFormatError(
+            f"{path.name} is not an XGBoost model: {_message(exc, path)}"
+        ) from exc
 
 
 def _saved_categories(booster: xgboost.Booster) -> dict[int, tuple[str, ...]]:
