@@ -310,13 +310,23 @@ class DatabaseDedupe:
             await self._sweeping
 
 
-def open_dedupe(url: str | None, ttl_s: float, *, database: Database | None = None) -> Dedupe:
-    """Redis for a ``redis://`` URL, else the metadata database when given, else memory."""
+def open_dedupe(
+    url: str | None,
+    ttl_s: float,
+    *,
+    database: Database | None = None,
+    timeout_s: float = 2.0,
+    clock: Clock | None = None,
+) -> Dedupe:
+    """Redis for a ``redis://`` URL, else the metadata database when given, else memory.
+
+    ``timeout_s`` bounds each Redis call; ``clock`` times expiry and the Redis backoff.
+    """
     if url is not None and is_redis_url(url):
-        return RedisDedupe(url, ttl_s)
+        return RedisDedupe(url, ttl_s, timeout_s=timeout_s, clock=clock)
     if database is not None:
-        return DatabaseDedupe(database, ttl_s)
-    return MemoryDedupe(ttl_s)
+        return DatabaseDedupe(database, ttl_s, clock=clock)
+    return MemoryDedupe(ttl_s, clock=clock)
 
 
 def _key(request_id: str) -> str:
