@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 import redis.asyncio
 
+from interlock.app import build_components, start_components, stop_components
 from interlock.cache.redis import RedisCache
 from interlock.errors import RateLimitedError, UnavailableError
 from interlock.llm.budgets import RedisLedger
 from interlock.llm.limits import Limit, RedisLimiter
 from interlock.llm.semantic import RedisVectorLog, VectorIndex, normalise
 from interlock.serving.dedupe import RedisDedupe
-from interlock.store.redis import BACKOFF_MAX_S, Outage
-from tests.cache.conftest import RedisServer
+from interlock.store.redis import BACKOFF_MAX_S, Outage, observe
+from tests.cache.conftest import RedisServer, eventually
 from tests.clock import ManualClock
 
 MakeServer = Callable[[], RedisServer]
@@ -195,3 +196,30 @@ async def test_the_dedupe_store_refuses_while_redis_is_dead_then_answers(
         assert await store.get_many(["a"]) == [b"3"]
     finally:
         await store.aclose()
+
+
+async def test_the_composition_root_counts_redis_outages_in_its_metrics(
+    make_settings: Callable[..., Any], redis_server: MakeServer
+) -> None:
+    server = await redis_server().start()
+    settings = make_settings(cache={"url": server.url})
+    parts = build_components(settings)
+    await start_components(parts)
+    try:
+        assert isinstance(parts.cache, RedisCache)
+        await parts.cache.get_many([b"a"])
+        server.kill()
+        await parts.cache.get_many([b"a"])
+        failures = parts.metrics.redis_failures.labels("redis cache")._value.get()
+        down = parts.metrics.redis_outage.labels("redis cache")._value.get()
+        assert (failures, down) == (1, 1)
+
+        await server.start()
+        cache = parts.cache
+        await eventually(  # the real clock: the probe goes after a backoff of <= 0.5 s
+            lambda: cache.get_many([b"a"]), lambda _: not cache.outage.down, what="a probe"
+        )
+        assert parts.metrics.redis_outage.labels("redis cache")._value.get() == 0
+    finally:
+        await stop_components(parts)
+        observe(None)
