@@ -26,18 +26,22 @@ until trimmed. ``lag`` is the group's ``lag`` (entries not yet delivered, from `
 GROUPS``) plus its pending count. Redis 7 or later; on 6.2, ``lag`` counts the whole
 stream instead.
 
-All calls go through one connection pool, from :func:`interlock.store.redis.open_client`
-(the bus keeps its own retry semantics: a failed call raises, and consumers retry with
-:class:`interlock.bus.retry.Backoff`). A waiting fetch holds one pooled connection
-for its ``BLOCK``, so publishers and acks use others and never queue behind it. The hot
-commands (XADD, XREADGROUP) are packed here and their replies read unparsed, as
-:mod:`interlock.cache.redis` does: redis-py's own packing and dispatch cost ~35 µs of
-CPU a command. Every call runs under ``asyncio.timeout`` (``timeout_s``; a fetch gets
-its wait on top) and redis-py does not retry: a Redis error, a refused connection or a
-timeout is raised as :class:`~interlock.bus.BusError`, which is retryable. URLs are
-logged with their password masked.
+All calls go through one connection pool, from :func:`interlock.store.redis.open_client`.
+During a Redis outage the bus **fails closed**: every call raises (it keeps its own retry
+semantics rather than :class:`interlock.store.redis.Outage`: publishers see the error,
+and consumers retry with :class:`interlock.bus.retry.Backoff`, so nothing is lost).
 
-This is the only bus module that imports ``redis``.
+A waiting fetch holds one pooled connection for its ``BLOCK``, so publishers and acks
+use others and never queue behind it. The hot commands (XADD, XREADGROUP) are packed
+here and their replies read unparsed, as :mod:`interlock.cache.redis` does: redis-py's
+own packing and dispatch cost ~35 µs of CPU a command. Every call runs under
+``asyncio.timeout`` (``timeout_s``; a fetch gets its wait on top) and redis-py does not
+retry: a Redis error, a refused connection or a timeout is raised as
+:class:`~interlock.bus.BusError`, which is retryable. URLs are logged with their
+password masked.
+
+This is the only bus module that imports ``redis`` (its exceptions; the client comes
+from :mod:`interlock.store.redis`).
 """
 
 from __future__ import annotations
