@@ -51,6 +51,7 @@ from interlock.serving.shadow import ShadowRunner
 from interlock.settings import Settings
 from interlock.store.artifacts import ArtifactStore
 from interlock.store.db import Database
+from interlock.store.redis import observe as observe_redis
 
 __all__ = [
     "Components",
@@ -124,6 +125,7 @@ def build_components(settings: Settings) -> Components:
     clock = SystemClock()
     database, artifacts, registry = _registry(settings)
     metrics = ServingMetrics()
+    observe_redis(metrics)  # outages of every Redis caller: failures and a down gauge
     supervisor = Supervisor(observer=metrics)  # failing loops: the metric and readiness
     manager = ModelManager(registry, artifacts, settings.serving, metrics, supervisor=supervisor)
     policies = PolicyStore(database, registry, clock, loader=ManagerLoader(manager))

@@ -29,6 +29,9 @@ status codes at the edge.
     ├── RateLimitedError             a tenant's or deployment's RPM/TPM is spent: 429
     ├── BudgetExceededError          a tenant's spending budget is spent: 429
     └── AuthError                    a missing or wrong key
+
+:func:`describe` is the one way to turn any exception into text for a log line or an
+error message: never empty, even for ``TimeoutError()``.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ __all__ = [
     "UnavailableError",
     "UnsafeArtifactError",
     "UpstreamError",
+    "describe",
 ]
 
 
@@ -232,3 +236,20 @@ class BusError(InterlockError):
     """The event bus failed: unreachable, timed out, or refused a command. Worth retrying."""
 
     retryable = True
+
+
+def describe(exc: BaseException, *, with_type: bool = False) -> str:
+    """The text of ``exc`` for a log line or an error message; never ``""``.
+
+    ``str(exc)``, prefixed by the class name when ``with_type`` (``ConnectionError:
+    refused``). When the exception says nothing (``str(TimeoutError())`` is ``""``)
+    it is what the exception is: ``timed out (TimeoutError)``, or the class name.
+    """
+    text = str(exc).strip()
+    name = type(exc).__name__
+    if text:
+        return f"{name}: {text}" if with_type else text
+    if isinstance(exc, TimeoutError):
+        return f"timed out ({name})"
+    shown = repr(exc)
+    return name if shown in (f"{name}()", name) else f"{name}: {shown}"

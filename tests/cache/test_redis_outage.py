@@ -13,7 +13,8 @@ from collections.abc import Callable
 import pytest
 import redis.asyncio
 
-from interlock.cache.redis import BACKOFF_MAX_S, RedisCache
+from interlock.cache.redis import RedisCache
+from interlock.store.redis import BACKOFF_MAX_S
 from tests.cache.conftest import ManualClock, RedisServer, eventually, free_port
 
 KEYS = [b"a", b"b"]
@@ -137,7 +138,7 @@ async def test_an_error_reply_fails_open_and_leaves_no_reply_unread(
     await admin.aclose()
 
 
-async def test_the_backoff_doubles_up_to_five_seconds() -> None:
+async def test_the_backoff_doubles_up_to_five_seconds_with_jitter() -> None:
     clock = ManualClock()
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: refused at once
     async with RedisCache(url, timeout_s=1.0, clock=clock) as cache:
@@ -146,28 +147,37 @@ async def test_the_backoff_doubles_up_to_five_seconds() -> None:
         for _ in range(6):
             errors, waited = cache.stats.errors, 0.0
             while cache.stats.errors == errors:
-                clock.advance(0.25)
-                waited += 0.25
+                clock.advance(0.125)
+                waited += 0.125
                 await cache.get_many(KEYS)
             windows.append(waited)
 
-    assert windows == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+    # each wait is drawn in [d/2, d], d = 0.5 s doubling up to 5 s; the clock moves by 1/8 s
+    for waited, cap in zip(windows, [0.5, 1.0, 2.0, 4.0, 5.0, 5.0], strict=True):
+        assert cap / 2 <= waited <= cap + 0.125, windows
 
 
-async def test_warnings_are_logged_at_most_every_ten_seconds(
-    caplog: pytest.LogCaptureFixture,
+async def test_one_warning_per_outage_and_one_line_when_it_ends(
+    redis_server: Callable[[], RedisServer], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="interlock.cache")
+    server = await redis_server().start()
     clock = ManualClock()
-    url = f"redis://127.0.0.1:{free_port()}/0"
-    async with RedisCache(url, timeout_s=1.0, clock=clock) as cache:
-        for _ in range(12):  # a failure every 5 s for a minute, counted from the first
+    async with RedisCache(server.url, timeout_s=1.0, clock=clock) as cache:
+        await cache.set_many(ITEMS, ttl_s=60)
+        server.kill()
+        for _ in range(12):  # a failure every 5 s for a minute
             await cache.set_many(ITEMS, ttl_s=60)
             clock.advance(BACKOFF_MAX_S)
         assert cache.stats.errors == 12
+        await server.start()
+        await cache.set_many(ITEMS, ttl_s=60)
+        assert await cache.get_many(KEYS) == [b"1", b"2"]
 
-    warned = warnings_in(caplog)
-    assert len(warned) == 6
-    assert "serving misses" in warned[0].getMessage()
+    lines = [r for r in caplog.records if r.name == "interlock.cache"]
+    assert [r.levelno for r in lines] == [logging.WARNING, logging.INFO]
+    assert "serving misses" in lines[0].getMessage()
+    assert "answers again after 60.0 s (12 failed calls" in lines[1].getMessage()
 
 
 async def test_an_unexpected_error_fails_open_with_its_traceback(

@@ -23,8 +23,6 @@ import redis.asyncio
 from interlock._core.clock import SystemClock
 from interlock.errors import ConfigError, RateLimitedError
 from interlock.llm.limits import (
-    _ACQUIRE_SHA,
-    BACKOFF_MAX_S,
     Limit,
     MemoryLimiter,
     Quota,
@@ -35,6 +33,8 @@ from interlock.llm.limits import (
     format_reset,
     open_limiter,
 )
+from interlock.llm.limits.redis import _ACQUIRE_SHA
+from interlock.store.redis import BACKOFF_MAX_S
 from tests.cache.conftest import RedisServer, free_port, require_binary
 from tests.clock import ManualClock
 from tests.conftest import REDIS_URL, require_service

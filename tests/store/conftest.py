@@ -15,3 +15,7 @@ async def db(database_url: str) -> AsyncIterator[Database]:
     async with Database(database_url) as database:
         database.migrate()
         yield database
+
+
+# private redis-server processes that a test may kill and restart (tests/store/test_redis_*)
+from tests.cache.conftest import redis_server  # noqa: E402, F401

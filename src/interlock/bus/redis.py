@@ -26,16 +26,22 @@ until trimmed. ``lag`` is the group's ``lag`` (entries not yet delivered, from `
 GROUPS``) plus its pending count. Redis 7 or later; on 6.2, ``lag`` counts the whole
 stream instead.
 
-All calls go through one connection pool. A waiting fetch holds one pooled connection
-for its ``BLOCK``, so publishers and acks use others and never queue behind it. The hot
-commands (XADD, XREADGROUP) are packed here and their replies read unparsed, as
-:mod:`interlock.cache.redis` does: redis-py's own packing and dispatch cost ~35 µs of
-CPU a command. Every call runs under ``asyncio.timeout`` (``timeout_s``; a fetch gets
-its wait on top) and redis-py does not retry: a Redis error, a refused connection or a
-timeout is raised as :class:`~interlock.bus.BusError`, which is retryable. URLs are
-logged with their password masked.
+All calls go through one connection pool, from :func:`interlock.store.redis.open_client`.
+During a Redis outage the bus **fails closed**: every call raises (it keeps its own retry
+semantics rather than :class:`interlock.store.redis.Outage`: publishers see the error,
+and consumers retry with :class:`interlock.bus.retry.Backoff`, so nothing is lost).
 
-This is the only bus module that imports ``redis``.
+A waiting fetch holds one pooled connection for its ``BLOCK``, so publishers and acks
+use others and never queue behind it. The hot commands (XADD, XREADGROUP) are packed
+here and their replies read unparsed, as :mod:`interlock.cache.redis` does: redis-py's
+own packing and dispatch cost ~35 µs of CPU a command. Every call runs under
+``asyncio.timeout`` (``timeout_s``; a fetch gets its wait on top) and redis-py does not
+retry: a Redis error, a refused connection or a timeout is raised as
+:class:`~interlock.bus.BusError`, which is retryable. URLs are logged with their
+password masked.
+
+This is the only bus module that imports ``redis`` (its exceptions; the client comes
+from :mod:`interlock.store.redis`).
 """
 
 from __future__ import annotations
@@ -50,19 +56,17 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import orjson
-import redis.asyncio
-from redis.asyncio.connection import parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
 
 from interlock.bus import BusError
 from interlock.bus.base import Message
-from interlock.bus.retry import describe
-from interlock.errors import ConfigError
+from interlock.errors import ConfigError, describe
 from interlock.settings import mask_url
+from interlock.store.redis import check_url, open_client
 
 if TYPE_CHECKING:
+    import redis.asyncio
+
     from interlock.bus.redis_tail import RedisTail
 
 __all__ = [
@@ -110,10 +114,7 @@ class RedisBus:
             raise ConfigError(f"the Redis bus claim_idle_ms must be positive, not {claim_idle_ms}")
         if not timeout_s > 0:
             raise ConfigError(f"the Redis bus timeout must be positive, not {timeout_s}")
-        try:
-            parse_url(url)
-        except ValueError as exc:
-            raise ConfigError(f"invalid Redis bus URL {mask_url(url)!r}: {exc}") from exc
+        check_url(url, "Redis bus")
         self.url = url
         self.max_len = max_len
         self.claim_idle_ms = claim_idle_ms
@@ -128,12 +129,8 @@ class RedisBus:
     def _redis(self) -> redis.asyncio.Redis:
         client = self._client
         if client is None:
-            client = self._client = redis.asyncio.Redis.from_url(
-                self.url,
-                socket_connect_timeout=self.timeout_s,
-                socket_timeout=None,  # asyncio.timeout bounds every call instead
-                retry=Retry(NoBackoff(), 0),  # the caller retries a BusError with backoff
-            )
+            # the caller retries a BusError with backoff (interlock.bus.retry)
+            client = self._client = open_client(self.url, timeout_s=self.timeout_s)
         return client
 
     async def _call(self, op: str, call: Callable[[], Awaitable[T]], wait_s: float = 0.0) -> T:
@@ -144,17 +141,19 @@ class RedisBus:
         except (AuthenticationError, NoPermissionError) as exc:
             raise ConfigError(
                 f"redis bus {mask_url(self.url)}: {op} refused: authentication or permission "
-                f"failed ({_describe(exc)}); check the bus URL's user and password"
+                f"failed ({describe(exc, with_type=True)}); check the bus URL's user and password"
             ) from exc
         except ResponseError:
             raise  # the caller decides (NOGROUP, BUSYGROUP); _translate otherwise
         except _FAILURES as exc:
             raise BusError(
-                f"redis bus {mask_url(self.url)}: {op} failed: {_describe(exc)}"
+                f"redis bus {mask_url(self.url)}: {op} failed: {describe(exc, with_type=True)}"
             ) from exc
 
     def _translate(self, op: str, exc: ResponseError) -> BusError:
-        return BusError(f"redis bus {mask_url(self.url)}: {op} failed: {_describe(exc)}")
+        return BusError(
+            f"redis bus {mask_url(self.url)}: {op} failed: {describe(exc, with_type=True)}"
+        )
 
     # -- publishing ------------------------------------------------------------------
 
@@ -273,7 +272,7 @@ class RedisBus:
             async with asyncio.timeout(self.timeout_s):
                 await client.aclose()
         except _FAILURES as exc:
-            logger.debug("closing the redis bus failed: %s", _describe(exc))
+            logger.debug("closing the redis bus failed: %s", describe(exc, with_type=True))
 
     async def __aenter__(self) -> Self:
         return self
@@ -552,10 +551,6 @@ def entry_message(
         deliveries=deliveries,
         handle=entry_id,
     )
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc).strip() else describe(exc)
 
 
 def _bulk(arg: bytes) -> bytes:

@@ -1,7 +1,8 @@
 """Riding out a bus that fails: error text that is never empty, backoff, one warning.
 
 - :func:`describe`: the text of an exception for a log line or an error message; never
-  empty (``str(TimeoutError())`` is ``""``: it falls back to the class name and repr).
+  empty. It lives in :mod:`interlock.errors` (one for the whole package) and is
+  re-exported here for the bus modules.
 - :class:`RepeatFilter` and :func:`quiet_repeats`: a client library's own log lines
   (aiokafka logs every failed connection attempt) let through once per message per
   ``every_s``, so that an outage is a few lines, not one every 100 ms.
@@ -22,19 +23,9 @@ import logging
 import random
 import time
 
+from interlock.errors import describe
+
 __all__ = ["Backoff", "RepeatFilter", "describe", "quiet_repeats"]
-
-
-def describe(exc: BaseException) -> str:
-    """``str(exc)``, or, when that is empty, what the exception is (never ``""``)."""
-    text = str(exc).strip()
-    if text:
-        return text
-    name = type(exc).__name__
-    if isinstance(exc, TimeoutError):
-        return f"timed out ({name})"
-    shown = repr(exc)
-    return name if shown in (f"{name}()", name) else f"{name}: {shown}"
 
 
 class Backoff:

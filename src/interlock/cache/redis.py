@@ -6,18 +6,19 @@ The commands are packed here rather than by redis-py, whose per-command packing 
 dispatch cost ~10 µs of CPU each: a 64-row store would take ~0.7 ms instead of
 ~0.17 ms. Every call runs under ``asyncio.timeout``.
 
-The cache must never make a request slower or fail it. Any Redis error, refused
-connection or timeout turns a lookup into misses and a store into nothing; it adds
-one to ``stats.errors`` and logs a warning on the ``interlock.cache`` logger, at most
-one every ten seconds. After a failure Redis is left alone for a backoff (0.5 s,
-doubling up to 5 s, back to 0.5 s after a success): calls made meanwhile return at
-once without touching the network. When the backoff ends, one call probes Redis
-while the others keep skipping it, so a dead Redis costs nothing per request.
+The cache must never make a request slower or fail it: it **fails open**. Any Redis
+error, refused connection or timeout turns a lookup into misses and a store into
+nothing, and adds one to ``stats.errors``. The outage policy is
+:class:`interlock.store.redis.Outage`: after a failure Redis is left alone for a
+jittered backoff (0.5 s doubling up to 5 s; calls made meanwhile return at once without
+touching the network), then one call probes it while the others keep skipping it, so a
+dead Redis costs nothing per request. One warning on the ``interlock.cache`` logger
+when an outage starts, one info line when Redis answers again.
 
 ``delete_prefix`` is the exception: invalidation that silently did nothing would be
 worse than an error, so it raises :class:`~interlock.errors.CacheError`.
 
-This is the only module that imports ``redis``; the client is created on first use,
+The client comes from :func:`interlock.store.redis.open_client`, created on first use,
 inside the running event loop, which it then belongs to.
 """
 
@@ -25,35 +26,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-import redis.asyncio
-from redis.asyncio.connection import parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
 from interlock.cache.base import DEFAULT_PREFIX, CacheStats
-from interlock.errors import CacheError, ConfigError
+from interlock.errors import CacheError, ConfigError, describe
 from interlock.settings import mask_url
+from interlock.store.redis import Outage, check_url, failures, open_client
 
 if TYPE_CHECKING:
+    import redis.asyncio
+
     from interlock._core.clock import Clock
 
 __all__ = ["RedisCache"]
 
 logger = logging.getLogger("interlock.cache")
 
-BACKOFF_INITIAL_S = 0.5
-BACKOFF_MAX_S = 5.0
-WARNING_INTERVAL_S = 10.0
 SCAN_BATCH = 1000
 
-# asyncio.timeout raises the builtin TimeoutError, an OSError like a refused connection.
-_FAILURES = (RedisError, OSError)
 _GLOB_SPECIAL = frozenset(b"*?[]\\")
 
 
@@ -61,7 +53,7 @@ class RedisCache:
     """A prediction cache in Redis at ``url``; keys are stored as ``prefix + key``.
 
     ``timeout_s`` bounds each call, connection included. ``clock.monotonic()``
-    times the backoff and the warning interval.
+    times the backoff.
     """
 
     def __init__(
@@ -74,22 +66,20 @@ class RedisCache:
     ) -> None:
         if not timeout_s > 0:
             raise ConfigError(f"the Redis cache timeout must be positive, not {timeout_s}")
-        try:
-            parse_url(url)
-        except ValueError as exc:
-            raise ConfigError(f"invalid Redis cache URL {mask_url(url)!r}: {exc}") from exc
+        check_url(url, "Redis cache")
         self.url = url
         self.timeout_s = timeout_s
         self.prefix = prefix
         self.stats = CacheStats()
-        self._clock = clock
+        self.outage = Outage(
+            "redis cache",
+            url,
+            clock=clock,
+            logger=logger,
+            fails_open=True,
+            while_down="serving misses",
+        )
         self._client: redis.asyncio.Redis | None = None
-        self._backoff_s = BACKOFF_INITIAL_S
-        self._failing = False
-        self._probing = False
-        self._skip_until = -math.inf
-        self._warned_at = -math.inf
-        self._unreported = 0
 
     def __repr__(self) -> str:
         return f"RedisCache({mask_url(self.url)!r}, prefix={self.prefix!r})"
@@ -97,58 +87,8 @@ class RedisCache:
     def _redis(self) -> redis.asyncio.Redis:
         client = self._client
         if client is None:
-            client = self._client = redis.asyncio.Redis.from_url(
-                self.url,
-                socket_connect_timeout=self.timeout_s,
-                socket_timeout=None,  # asyncio.timeout bounds every call instead
-                retry=Retry(NoBackoff(), 0),  # a retry would only outlive the timeout
-            )
+            client = self._client = open_client(self.url, timeout_s=self.timeout_s)
         return client
-
-    # -- fail open -------------------------------------------------------------------
-
-    def _may_call(self) -> bool:
-        """Whether to use Redis now: yes when healthy, or as the one probe after a backoff."""
-        if not self._failing:
-            return True
-        if self._probing or self._clock.monotonic() < self._skip_until:
-            return False
-        self._probing = True
-        return True
-
-    def _succeeded(self) -> None:
-        if self._failing:
-            logger.info("redis cache %s answers again", mask_url(self.url))
-            self._failing = self._probing = False
-            self._backoff_s = BACKOFF_INITIAL_S
-
-    def _failed(self, op: str, exc: Exception) -> None:
-        """Count a failure, start or extend the backoff, and warn if none was said lately.
-
-        An error outside ``_FAILURES`` (a bug in a client library, say) fails open too,
-        but its warning carries the traceback.
-        """
-        self.stats.errors += 1
-        now = self._clock.monotonic()
-        if now >= self._skip_until:  # not a straggler from before the current backoff
-            self._skip_until = now + self._backoff_s
-            self._backoff_s = min(self._backoff_s * 2, BACKOFF_MAX_S)
-        self._failing = True
-        self._probing = False
-        if now - self._warned_at >= WARNING_INTERVAL_S:
-            logger.warning(
-                "redis cache %s failed (%s: %s); serving misses for %.1f s",
-                mask_url(self.url),
-                op,
-                _describe(exc),
-                self._skip_until - now,
-                extra={"cache_errors_unreported": self._unreported},
-                exc_info=None if isinstance(exc, _FAILURES) else exc,
-            )
-            self._warned_at = now
-            self._unreported = 0
-        else:
-            self._unreported += 1
 
     # -- the Cache protocol ----------------------------------------------------------
 
@@ -157,7 +97,7 @@ class RedisCache:
         if not keys:
             return []
         replies = None
-        if self._may_call():
+        if self.outage.may_call():
             replies = await self._round_trip("get_many", lambda: _pack_mget(self.prefix, keys), 1)
         stats = self.stats
         if replies is None:
@@ -173,7 +113,7 @@ class RedisCache:
         """Store every item with ``PX`` in one pipeline; nothing when Redis fails or is skipped."""
         if not ttl_s > 0:
             raise ValueError(f"ttl_s must be positive, not {ttl_s}")
-        if items and self._may_call():
+        if items and self.outage.may_call():
             ttl_ms = max(1, round(ttl_s * 1000))
             await self._round_trip(
                 "set_many", lambda: _pack_set_px(self.prefix, items, ttl_ms), len(items)
@@ -184,7 +124,7 @@ class RedisCache:
     ) -> list[Any] | None:
         """Send what ``pack`` makes (``replies`` commands), read every reply; None on failure.
 
-        Call it only when :meth:`_may_call` said yes. The commands go out as one buffer
+        Call it only when the outage policy said yes. The commands go out as one buffer
         on one pooled connection, as in redis-py's own pipeline.
         """
         try:
@@ -200,13 +140,14 @@ class RedisCache:
                     raise
                 finally:
                     await pool.release(conn)
-        except Exception as exc:  # fail open, whatever broke: see _failed
-            self._failed(op, exc)
+        except Exception as exc:  # fail open, whatever broke
+            self.stats.errors += 1
+            self.outage.failed(op, exc)
             return None
         except BaseException:
-            self._probing = False  # a cancelled probe must not stop the next one
+            self.outage.cancelled()  # a cancelled probe must not stop the next one
             raise
-        self._succeeded()
+        self.outage.succeeded()
         return out
 
     async def delete_prefix(self, prefix: bytes) -> int:
@@ -227,11 +168,11 @@ class RedisCache:
                         deleted += await client.unlink(*names)
                 if cursor == 0:
                     return deleted
-        except _FAILURES as exc:
+        except failures() as exc:
             self.stats.errors += 1
             raise CacheError(
                 f"cannot delete {prefix!r} from the redis cache {mask_url(self.url)}: "
-                f"{_describe(exc)} ({deleted} keys deleted)"
+                f"{describe(exc, with_type=True)} ({deleted} keys deleted)"
             ) from exc
 
     async def aclose(self) -> None:
@@ -242,8 +183,8 @@ class RedisCache:
         try:
             async with asyncio.timeout(self.timeout_s):
                 await client.aclose()
-        except _FAILURES as exc:
-            logger.debug("closing the redis cache failed: %s", _describe(exc))
+        except failures() as exc:
+            logger.debug("closing the redis cache failed: %s", describe(exc))
 
     async def __aenter__(self) -> Self:
         return self
@@ -255,12 +196,6 @@ class RedisCache:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _pack_mget(prefix: bytes, keys: Sequence[bytes]) -> bytes:

@@ -17,11 +17,13 @@ Periods follow the clock's ``now()`` in UTC, so tests move days and months by ha
   ``PREFIX{tenant}:m:YYYYMM``; an add is one round trip of ``INCRBYFLOAT`` and
   ``EXPIRE`` on both, each key expiring an hour after its period ends.
 
-The Redis ledger fails open, like the rate limiter: when Redis is down or slow a check
-lets the call through and an add is lost (``stats`` counts both, and the dollars not
-recorded), one warning is logged per outage, and Redis is left alone for a backoff
-after each failure. :meth:`~SpendLedger.spent` is the exception: a report of zero would
-be a lie, so it raises :class:`~interlock.errors.UnavailableError`.
+The Redis ledger **fails open**, like the rate limiter: when Redis is down or slow a
+check lets the call through and an add is lost (``stats`` counts both, and the dollars
+not recorded). The outage policy is :class:`interlock.store.redis.Outage`: one warning
+per outage, a jittered backoff after each failure during which Redis is not called,
+then a single probe. :meth:`~SpendLedger.spent` **fails closed**: a report of zero would
+be a lie, so it raises :class:`~interlock.errors.UnavailableError` (it is an explicit
+report, so it asks Redis even during a backoff).
 """
 
 from __future__ import annotations
@@ -36,9 +38,15 @@ from typing import TYPE_CHECKING, Protocol, Self
 from urllib.parse import urlsplit
 
 from interlock._core.clock import SystemClock
-from interlock.errors import BudgetExceededError, ConfigError, UnavailableError
-from interlock.llm.limits import _check_redis_url, _describe, _Outage, _redis_client
+from interlock.errors import BudgetExceededError, ConfigError, describe
 from interlock.settings import mask_url
+from interlock.store.redis import (
+    MAX_CONNECTIONS,
+    REDIS_SCHEMES,
+    Outage,
+    check_url,
+    open_client,
+)
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -57,8 +65,6 @@ logger = logging.getLogger("interlock.llm.budgets")
 
 KEY_GRACE_S = 3600
 """How long a Redis total outlives its period (clocks of nodes differ a little)."""
-
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 
 
 @dataclass(slots=True)
@@ -123,7 +129,7 @@ def open_ledger(
     clock = clock or SystemClock()
     if scheme == "memory":
         return MemoryLedger(clock=clock)
-    if scheme in _REDIS_SCHEMES:
+    if scheme in REDIS_SCHEMES:
         return RedisLedger(url, clock=clock, key_prefix=key_prefix, timeout_s=timeout_s)
     raise ConfigError(
         f"unknown spend-ledger URL scheme {scheme!r} in {mask_url(url)!r}: "
@@ -272,13 +278,20 @@ class RedisLedger:
     ) -> None:
         if not timeout_s > 0:
             raise ConfigError(f"the spend-ledger timeout must be positive, not {timeout_s}")
-        _check_redis_url(url, "spend-ledger")
+        check_url(url, "spend-ledger")
         self.url = url
         self.key_prefix = key_prefix
         self.timeout_s = timeout_s
         self.stats = LedgerStats()
         self._clock = clock or SystemClock()
-        self._outage = _Outage("redis spend ledger", url, self._clock, logger)
+        self.outage = Outage(
+            "redis spend ledger",
+            url,
+            clock=self._clock,
+            logger=logger,
+            fails_open=True,
+            while_down="letting calls through unchecked",
+        )
         self._client: redis.asyncio.Redis | None = None
 
     def __repr__(self) -> str:
@@ -286,7 +299,9 @@ class RedisLedger:
 
     def _redis(self) -> redis.asyncio.Redis:
         if self._client is None:
-            self._client = _redis_client(self.url, self.timeout_s)
+            self._client = open_client(
+                self.url, timeout_s=self.timeout_s, max_connections=MAX_CONNECTIONS
+            )
         return self._client
 
     def _keys(self, tenant: str, periods: _Periods) -> tuple[str, str]:
@@ -302,7 +317,7 @@ class RedisLedger:
         if per_day is None and per_month is None:
             return
         periods = _Periods.at(self._clock.now())
-        if not self._outage.may_call():
+        if not self.outage.may_call():
             self.stats.unchecked += 1
             return
         try:
@@ -312,9 +327,9 @@ class RedisLedger:
             self.stats.unchecked += 1
             return
         except BaseException:
-            self._outage.cancelled()
+            self.outage.cancelled()
             raise
-        self._outage.succeeded()
+        self.outage.succeeded()
         _enforce(tenant, spent, per_day, per_month, periods)
 
     async def add(self, tenant: str, cost_usd: float) -> None:
@@ -322,7 +337,7 @@ class RedisLedger:
         if cost_usd == 0:
             return
         periods = _Periods.at(self._clock.now())
-        if not self._outage.may_call():
+        if not self.outage.may_call():
             self.stats.unrecorded_usd += cost_usd
             return
         day_key, month_key = self._keys(tenant, periods)
@@ -339,29 +354,32 @@ class RedisLedger:
             self.stats.unrecorded_usd += cost_usd
             return
         except BaseException:
-            self._outage.cancelled()
+            self.outage.cancelled()
             raise
-        self._outage.succeeded()
+        self.outage.succeeded()
 
     async def spent(self, tenant: str) -> tuple[float, float]:
         """What ``tenant`` spent today and this month (UTC).
 
+        An explicit report, it asks Redis even while checks and adds leave it alone.
+
         Raises:
-            UnavailableError: Redis failed; unlike checks and adds, this does not fail open.
+            UnavailableError: Redis failed; unlike checks and adds, this fails closed.
         """
         try:
             spent = await self._read(tenant, _Periods.at(self._clock.now()))
         except Exception as exc:
             self._failed("spent", exc)
-            raise UnavailableError(
-                f"the spend ledger at {mask_url(self.url)} is unavailable: {_describe(exc)}"
-            ) from exc
-        self._outage.succeeded()
+            raise self.outage.unavailable("spent", exc) from exc
+        except BaseException:
+            self.outage.cancelled()
+            raise
+        self.outage.succeeded()
         return spent
 
     def _failed(self, op: str, exc: BaseException) -> None:
         self.stats.errors += 1
-        self._outage.failed(op, exc)
+        self.outage.failed(op, exc)
 
     async def aclose(self) -> None:
         """Close the connection pool; a later call would open a new one."""
@@ -372,7 +390,7 @@ class RedisLedger:
             async with asyncio.timeout(self.timeout_s):
                 await client.aclose()
         except Exception as exc:  # closing a broken pool must not fail a shutdown
-            logger.debug("closing the redis spend ledger failed: %s", _describe(exc))
+            logger.debug("closing the redis spend ledger failed: %s", describe(exc))
 
     async def __aenter__(self) -> Self:
         return self

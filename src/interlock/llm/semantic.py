@@ -52,8 +52,9 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import numpy as np
 import numpy.typing as npt
 
-from interlock.errors import ConfigError
+from interlock.errors import ConfigError, describe
 from interlock.settings import mask_url
+from interlock.store.redis import Outage, open_client
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -396,8 +397,6 @@ class VectorLog(Protocol):
     async def aclose(self) -> None: ...
 
 
-BACKOFF_S = 1.0
-WARNING_INTERVAL_S = 10.0
 PULL_BATCH = 1000
 PULL_MAX_BATCHES = 10
 """A pull reads at most this many batches; a node far behind catches up over searches."""
@@ -411,8 +410,12 @@ class RedisVectorLog:
     A pull reads at most ``PULL_MAX_BATCHES * PULL_BATCH`` entries, so a new node warms
     up over its first searches instead of stalling one. Pulls of one scope take turns.
 
-    Any Redis failure is logged (at most one warning every ten seconds) and Redis is
-    then left alone for ``BACKOFF_S``: appends report False and pulls add nothing.
+    During a Redis outage it **fails open**: appends report False (the caller indexes
+    the entry alone) and pulls add nothing (the node searches what it already holds),
+    so the cache still answers, from this node's entries. The outage policy is
+    :class:`interlock.store.redis.Outage`: one warning per outage on
+    ``interlock.llm.cache``, a jittered backoff (0.5 s doubling to 5 s) during which
+    Redis is not called, then a single probe.
     """
 
     def __init__(
@@ -434,8 +437,14 @@ class RedisVectorLog:
         self._client: redis.asyncio.Redis | None = None
         self._last: dict[str, bytes] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._skip_until = -math.inf
-        self._warned_at = -math.inf
+        self.outage = Outage(
+            "semantic index on redis",
+            url,
+            clock=clock,
+            logger=logger,
+            fails_open=True,
+            while_down="searching local entries only",
+        )
 
     def __repr__(self) -> str:
         return f"RedisVectorLog({mask_url(self.url)!r}, prefix={self.prefix!r})"
@@ -446,35 +455,11 @@ class RedisVectorLog:
 
     def _redis(self) -> redis.asyncio.Redis:
         if self._client is None:
-            import redis.asyncio
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-
-            self._client = redis.asyncio.Redis.from_url(
-                self.url,
-                socket_connect_timeout=self.timeout_s,
-                retry=Retry(NoBackoff(), 0),
-            )
+            self._client = open_client(self.url, timeout_s=self.timeout_s)
         return self._client
 
-    def _usable(self) -> bool:
-        return self._clock.monotonic() >= self._skip_until
-
-    def _failed(self, op: str, exc: Exception) -> None:
-        now = self._clock.monotonic()
-        self._skip_until = now + BACKOFF_S
-        if now - self._warned_at >= WARNING_INTERVAL_S:
-            self._warned_at = now
-            logger.warning(
-                "semantic index on redis %s failed (%s: %s: %s); searching local entries only",
-                mask_url(self.url),
-                op,
-                type(exc).__name__,
-                exc,
-            )
-
     async def append(self, scope: str, vector: Vectors, key: bytes, context: int) -> bool:
-        if not self._usable():
+        if not self.outage.may_call():
             return False
         fields: dict[bytes, bytes] = {
             b"k": key,
@@ -489,20 +474,29 @@ class RedisVectorLog:
                     maxlen=self.max_entries,
                     approximate=True,
                 )
-        except Exception as exc:  # fail open: see _failed
-            self._failed("append", exc)
+        except Exception as exc:  # fail open
+            self.outage.failed("append", exc)
             return False
+        except BaseException:
+            self.outage.cancelled()
+            raise
+        self.outage.succeeded()
         return True
 
     async def pull(self, scope: str, index: VectorIndex) -> None:
-        if not self._usable():
-            return
         lock = self._locks.setdefault(scope, asyncio.Lock())
         async with lock:
+            if not self.outage.may_call():
+                return
             try:
                 await self._pull(scope, index)
-            except Exception as exc:  # fail open: see _failed
-                self._failed("pull", exc)
+            except Exception as exc:  # fail open
+                self.outage.failed("pull", exc)
+                return
+            except BaseException:
+                self.outage.cancelled()
+                raise
+            self.outage.succeeded()
 
     async def _pull(self, scope: str, index: VectorIndex) -> None:
         client = self._redis()
@@ -542,4 +536,4 @@ class RedisVectorLog:
                 async with asyncio.timeout(self.timeout_s):
                     await client.aclose()
             except Exception as exc:  # closing a broken connection: nothing left to do
-                logger.debug("closing the semantic index connection failed: %r", exc)
+                logger.debug("closing the semantic index connection failed: %s", describe(exc))

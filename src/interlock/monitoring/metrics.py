@@ -177,6 +177,18 @@ class ServingMetrics:
             ["loop"],
             registry=self.registry,
         )
+        self.redis_failures = Counter(
+            "interlock_redis_failures",
+            "Failed calls to Redis, by caller (cache, rate limiter, ledger, ...).",
+            ["what"],
+            registry=self.registry,
+        )
+        self.redis_outage = Gauge(
+            "interlock_redis_outage",
+            "1 while a caller's Redis is down (it then fails open or closed, as documented).",
+            ["what"],
+            registry=self.registry,
+        )
         self._request_children: dict[
             tuple[str, str, str, int], tuple[Callable[[], None], Callable[[float], None]]
         ] = {}
@@ -269,6 +281,13 @@ class ServingMetrics:
 
     def loop_recovered(self, loop: str) -> None:
         self.loop_failing.labels(loop).set(0)
+
+    # RedisObserver (interlock.store.redis)
+    def redis_failed(self, what: str) -> None:
+        self.redis_failures.labels(what).inc()
+
+    def redis_down(self, what: str, down: bool) -> None:
+        self.redis_outage.labels(what).set(1 if down else 0)
 
     def model_unloaded(self, model: str, version: int) -> None:
         self.loaded_versions.labels(model, str(version)).set(0)

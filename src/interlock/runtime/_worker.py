@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from interlock._core.schema import FeatureSchema
-from interlock.errors import RuntimeLoadError
+from interlock.errors import RuntimeLoadError, describe
 from interlock.runtime.loaders import load_predictor
 
 __all__ = ["ChildProcess", "WorkerDiedError", "WorkerSpec", "predict_batches", "serve"]
@@ -70,10 +70,6 @@ class WorkerSpec:
     warm: Any = None  # one batch run once before the child says it is ready
 
 
-def _describe(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
-
-
 def serve(conn: Connection, spec: WorkerSpec) -> None:
     """The child's main: load the model, say ready, then answer batches until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -84,7 +80,7 @@ def serve(conn: Connection, spec: WorkerSpec) -> None:
         if spec.warm is not None:
             predict_batches(predictor.predict, [spec.warm], predictor.takes_rows)
     except Exception as exc:
-        conn.send(("failed", f"{type(exc).__name__}: {_describe(exc)}"))
+        conn.send(("failed", describe(exc, with_type=True)))
         return
     try:
         conn.send(("ready", os.getpid()))
@@ -96,7 +92,7 @@ def serve(conn: Connection, spec: WorkerSpec) -> None:
                 out = predict_batches(predictor.predict, batches, predictor.takes_rows)
                 data = pickle.dumps(("ok", out), pickle.HIGHEST_PROTOCOL)
             except Exception as exc:  # the model's own error, or a result pickle refuses
-                data = pickle.dumps(("error", _describe(exc)), pickle.HIGHEST_PROTOCOL)
+                data = pickle.dumps(("error", describe(exc)), pickle.HIGHEST_PROTOCOL)
             conn.send_bytes(data)
     except (EOFError, OSError):
         return  # the parent is gone
@@ -177,7 +173,7 @@ class ChildProcess:
         try:
             status, value = pickle.loads(data)  # noqa: S301 - our own child's answer
         except Exception as exc:  # e.g. results of a class only the child can import
-            return False, f"the model's results cannot be read here: {_describe(exc)}"
+            return False, f"the model's results cannot be read here: {describe(exc)}"
         return status == "ok", value
 
     def _reap(self) -> int | None:

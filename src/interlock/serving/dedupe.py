@@ -23,7 +23,11 @@ names an id twice, the last answer wins.
 
 When the Redis or database store fails the worker is told
 (:class:`~interlock.errors.UnavailableError`, naming the store with its password masked):
-it retries the batch later rather than risk predicting twice.
+it retries the batch later rather than risk predicting twice. The Redis store thus
+**fails closed**, under the outage policy of :class:`interlock.store.redis.Outage`: one
+warning per outage on ``interlock.serving``, then a jittered backoff (0.5 s doubling to
+5 s) during which calls raise at once without touching the network, then a single probe,
+so a worker group does not hammer a Redis that is coming back.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ import functools
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -45,11 +49,18 @@ from interlock._core.clock import Clock, SystemClock
 from interlock.errors import ConfigError, StoreError, UnavailableError
 from interlock.settings import mask_url
 from interlock.store.db import Database
+from interlock.store.redis import Outage, check_url, is_redis_url, open_client
 from interlock.store.tables import event_dedupe
+
+if TYPE_CHECKING:
+    import redis.asyncio
+    from redis.commands.core import AsyncScript
 
 __all__ = ["DatabaseDedupe", "Dedupe", "MemoryDedupe", "RedisDedupe", "open_dedupe"]
 
 log = logging.getLogger("interlock.serving")
+
+T = TypeVar("T")
 
 CHUNK_IDS: Final = 1_000  # ids per SELECT, and rows per INSERT, in the database
 _ID_CHARS: Final = 200  # the width of event_dedupe.request_id
@@ -110,7 +121,11 @@ return #KEYS
 
 
 class RedisDedupe:
-    """Records in Redis under ``prefix + requestId``."""
+    """Records in Redis under ``prefix + requestId``.
+
+    Fails closed: a failed call, or any call during the backoff after one, raises
+    :class:`~interlock.errors.UnavailableError`; ``clock.monotonic()`` times the backoff.
+    """
 
     def __init__(
         self,
@@ -119,29 +134,40 @@ class RedisDedupe:
         *,
         prefix: str = "interlock:dedupe:",
         timeout_s: float = 2.0,
+        clock: Clock | None = None,
     ) -> None:
-        import redis.asyncio as aioredis
-
+        if not timeout_s > 0:
+            raise ConfigError(f"the dedupe store timeout must be positive, not {timeout_s}")
+        check_url(url, "dedupe store")
         self._url = url
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._prefix = prefix
-        self._redis: Any = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        self._timeout_s = timeout_s
+        self.outage = Outage(
+            "redis dedupe store",
+            url,
+            clock=clock if clock is not None else SystemClock(),
+            logger=log,
+            fails_open=False,
+            while_down="retrying batches later",
         )
-        self._set_all: Any = self._redis.register_script(_SET_ALL)
+        self._client: redis.asyncio.Redis | None = None
+        self._script: AsyncScript | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisDedupe({mask_url(self._url)!r}, prefix={self._prefix!r})"
+
+    def _redis(self) -> redis.asyncio.Redis:
+        if self._client is None:
+            self._client = open_client(self._url, timeout_s=self._timeout_s)
+        return self._client
 
     async def get_many(self, ids: Sequence[str]) -> list[bytes | None]:
         if not ids:
             return []
-        try:
-            values: list[bytes | None] = await self._redis.mget(
-                [self._prefix + request_id for request_id in ids]
-            )
-        except Exception as exc:
-            raise UnavailableError(
-                f"the dedupe store at {mask_url(self._url)} failed: {type(exc).__name__}"
-            ) from exc
-        return values
+        keys = [self._prefix + request_id for request_id in ids]
+        values = await self._call("get_many", lambda: self._redis().mget(keys))
+        return cast("list[bytes | None]", values)  # decode_responses is off: bytes
 
     async def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         """One script call for the whole batch: a pipeline of SETs cost ~35 µs a command
@@ -151,15 +177,34 @@ class RedisDedupe:
         keys = [self._prefix + request_id for request_id, _ in items]
         args: list[bytes | int] = [answer for _, answer in items]
         args.append(self._ttl_ms)
+        await self._call("set_many", lambda: self._set_all()(keys=keys, args=args))
+
+    def _set_all(self) -> AsyncScript:
+        if self._script is None:
+            self._script = self._redis().register_script(_SET_ALL)
+        return self._script
+
+    async def _call(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``await call()`` under the timeout and the outage policy (fails closed)."""
+        if not self.outage.may_call():
+            raise self.outage.unavailable(op)
         try:
-            await self._set_all(keys=keys, args=args)
+            async with asyncio.timeout(self._timeout_s):
+                result = await call()
         except Exception as exc:
-            raise UnavailableError(
-                f"the dedupe store at {mask_url(self._url)} failed: {type(exc).__name__}"
-            ) from exc
+            self.outage.failed(op, exc)
+            raise self.outage.unavailable(op, exc) from exc
+        except BaseException:
+            self.outage.cancelled()
+            raise
+        self.outage.succeeded()
+        return result
 
     async def aclose(self) -> None:
-        await self._redis.aclose()
+        client, self._client = self._client, None
+        self._script = None
+        if client is not None:
+            await client.aclose()
 
 
 class DatabaseDedupe:
@@ -265,13 +310,23 @@ class DatabaseDedupe:
             await self._sweeping
 
 
-def open_dedupe(url: str | None, ttl_s: float, *, database: Database | None = None) -> Dedupe:
-    """Redis for a ``redis://`` URL, else the metadata database when given, else memory."""
-    if url is not None and url.split(":", 1)[0] in ("redis", "rediss", "unix"):
-        return RedisDedupe(url, ttl_s)
+def open_dedupe(
+    url: str | None,
+    ttl_s: float,
+    *,
+    database: Database | None = None,
+    timeout_s: float = 2.0,
+    clock: Clock | None = None,
+) -> Dedupe:
+    """Redis for a ``redis://`` URL, else the metadata database when given, else memory.
+
+    ``timeout_s`` bounds each Redis call; ``clock`` times expiry and the Redis backoff.
+    """
+    if url is not None and is_redis_url(url):
+        return RedisDedupe(url, ttl_s, timeout_s=timeout_s, clock=clock)
     if database is not None:
-        return DatabaseDedupe(database, ttl_s)
-    return MemoryDedupe(ttl_s)
+        return DatabaseDedupe(database, ttl_s, clock=clock)
+    return MemoryDedupe(ttl_s, clock=clock)
 
 
 def _key(request_id: str) -> str:

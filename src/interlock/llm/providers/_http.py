@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from interlock import __version__
-from interlock.errors import UpstreamError
+from interlock.errors import UpstreamError, describe
 from interlock.llm.providers._wire import Pool, Response, WireError
 
 if TYPE_CHECKING:
@@ -215,7 +215,9 @@ class UpstreamClient:
     def _connection_error(self, exc: BaseException) -> UpstreamError:
         transient = not isinstance(exc, ValueError)
         return self.error(
-            f"cannot reach the upstream: {_describe(exc)}", kind="connect", transient=transient
+            f"cannot reach the upstream: {describe(exc, with_type=True)}",
+            kind="connect",
+            transient=transient,
         )
 
     async def aclose(self) -> None:
@@ -269,7 +271,7 @@ class SSEStream:
             ) from exc
         except (WireError, OSError) as exc:
             raise self._client.error(
-                f"the stream broke: {_describe(exc)}", kind="stream_cut"
+                f"the stream broke: {describe(exc, with_type=True)}", kind="stream_cut"
             ) from exc
         try:
             if data:
@@ -454,8 +456,3 @@ def _excerpt(raw: bytes) -> str:
 def _fold(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= MESSAGE_MAX_CHARS else text[:MESSAGE_MAX_CHARS] + "…"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
