@@ -81,6 +81,12 @@ def sockets_to(pid: int, port: int, targets: list[str]) -> list[tuple[int, str]]
     return out
 
 
+def quick(pid: int, port: int) -> tuple[int, int]:
+    """(open fds, sockets to ``port``) of ``pid``: /proc alone, cheap enough every second."""
+    targets = open_fds(pid)
+    return len(targets), len(sockets_to(pid, port, targets))
+
+
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample of a Prometheus text page, by (name, labels)."""
     with urllib.request.urlopen(url, timeout=10) as response:
