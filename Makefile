@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test test-semantic lint typecheck services bench clean lock
+.PHONY: run test test-semantic lint typecheck services bench soak clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/traffic.py
 	$(BIN)/python bench/llm_gateway.py
 	$(BIN)/python bench/events.py
+
+## Ten minutes of mixed load (HTTP, LLM gateway, events); fails if memory, fds, asyncio
+## tasks or Redis connections grow. Needs Redis at 127.0.0.1:6379 (it uses database 15).
+soak: $(VENV)/.installed-dev
+	$(BIN)/python bench/soak.py --json bench/results/soak.json
 
 clean:
 	rm -rf $(VENV) .interlock .pytest_cache .mypy_cache .ruff_cache

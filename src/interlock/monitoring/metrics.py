@@ -2,11 +2,15 @@
 
 Each app owns its own ``CollectorRegistry`` (no global state), so two apps in one
 process, as in tests, never mix their figures. Queue depth is read from the batchers at
-scrape time rather than updated on every request.
+scrape time rather than updated on every request, and so is
+``interlock_asyncio_tasks``: the tasks alive on the process's event loop, which stays
+flat on a healthy node under steady load and climbs when something leaks tasks
+(``bench/soak.py`` watches it).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -66,11 +70,41 @@ class _QueueCollector(Collector):
         yield delay
 
 
+class _TaskCollector(Collector):
+    """``interlock_asyncio_tasks``: tasks not yet done on the process's event loop.
+
+    The loop is the one running where the scrape happens (``/metrics`` of ``interlock
+    serve`` is a handler on its loop), else the one that was running when the metrics
+    were made (``interlock worker`` serves them from a thread of prometheus_client).
+    With neither, the family is empty.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+
+    def collect(self) -> Iterable[Metric]:
+        tasks = GaugeMetricFamily(
+            "interlock_asyncio_tasks",
+            "Asyncio tasks not yet done on this process's event loop.",
+        )
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = self._loop
+        if loop is not None and not loop.is_closed():
+            tasks.add_metric([], len(asyncio.all_tasks(loop)))
+        yield tasks
+
+
 class ServingMetrics:
     """The collectors of one serving app, and the cheap calls that feed them."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.registry.register(_TaskCollector())
         self.requests = Counter(
             "interlock_requests",
             "Prediction requests answered, by model, version, protocol and HTTP status.",
