@@ -179,6 +179,22 @@ async def test_redis_window_slides_and_a_late_reconcile_changes_nothing() -> Non
         await delete_prefix(prefix)
 
 
+async def test_a_requests_only_limit_keeps_limiting_after_the_window_slides() -> None:
+    """Entries that leave the window free 0 tokens: the script must not send HINCRBY -0."""
+    require_service("Redis", REDIS_URL)
+    prefix = f"test:rl:{uuid.uuid4().hex}:"
+    limit = Limit("deployment:d", rpm=1, tpm=None)
+    try:
+        async with RedisLimiter(REDIS_URL, window_s=0.5, key_prefix=prefix) as limiter:
+            await limiter.acquire([limit], 0)
+            await acquire_eventually(limiter, [limit], 0)  # the first one left the window
+            assert (limiter.stats.errors, limiter.stats.unchecked) == (0, 0)
+            exc = await refusal(limiter, [limit], 0)  # and the limit still holds
+            assert exc.limit == "deployment:d:rpm"
+    finally:
+        await delete_prefix(prefix)
+
+
 # -- tokens -----------------------------------------------------------------------------
 
 

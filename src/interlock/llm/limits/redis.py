@@ -77,7 +77,9 @@ for i = 1, n do
     end
     redis.call('ZREM', log, unpack(gone))
     redis.call('HDEL', tok, unpack(gone))
-    redis.call('HINCRBY', tok, '#', -freed)
+    if freed ~= 0 then  -- Redis refuses '-0' (what Lua makes of -0) as an integer
+      redis.call('HINCRBY', tok, '#', -freed)
+    end
   end
   local count = redis.call('ZCARD', log)
   local sum = tonumber(redis.call('HGET', tok, '#') or '0')
