@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import pytest
 
@@ -89,9 +88,10 @@ async def test_nothing_is_cached_once_the_execution_is_done() -> None:
     assert (first.calls, second.calls) == (1, 1)
 
 
-async def test_a_cancelled_waiter_does_not_cancel_the_others() -> None:
+async def test_a_cancelled_follower_does_not_cancel_the_others() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated("v")
+    leader = asyncio.create_task(flight.do("k", fn))
     leaving = asyncio.create_task(flight.do("k", fn))
     staying = asyncio.create_task(flight.do("k", fn))
     await fn.started.wait()
@@ -100,60 +100,86 @@ async def test_a_cancelled_waiter_does_not_cancel_the_others() -> None:
         await leaving
     assert flight.in_flight == 1
     fn.gate.set()
+    assert await leader == "v"
     assert await staying == "v"
     assert fn.finished
     assert fn.calls == 1
 
 
-async def test_a_late_caller_joins_after_another_was_cancelled() -> None:
+async def test_the_leader_runs_inline_in_its_own_task() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated("v")
-    first = asyncio.create_task(flight.do("k", fn))
+    leader = asyncio.create_task(flight.do("k", fn))
     await fn.started.wait()
-    first.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await first
-    late = asyncio.create_task(flight.do("k", fn))
+    assert fn.tasks == [leader]
     fn.gate.set()
-    assert await late == "v"
-    assert fn.calls == 1
+    assert await leader == "v"
 
 
-async def test_when_every_waiter_is_cancelled_the_execution_still_finishes() -> None:
+async def test_a_cancelled_leader_hands_the_work_to_a_follower() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated("v")
-    waiters = [asyncio.create_task(flight.do("k", fn)) for _ in range(3)]
+    leader = asyncio.create_task(flight.do("k", fn))
+    followers = [asyncio.create_task(flight.do("k", fn)) for _ in range(3)]
     await fn.started.wait()
-    for w in waiters:
-        w.cancel()
-    await asyncio.gather(*waiters, return_exceptions=True)
-    assert all(w.cancelled() for w in waiters)
+    fn.started.clear()
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    await fn.started.wait()  # the first follower leads now; the others wait on it
+    assert fn.tasks == [leader, followers[0]]
     assert flight.in_flight == 1
     fn.gate.set()
-    await asyncio.wait(fn.tasks)
-    assert fn.finished
+    assert await asyncio.gather(*followers) == ["v"] * 3
+    assert fn.calls == 2
     assert flight.in_flight == 0
 
 
-async def test_an_error_nobody_waits_for_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_late_caller_joins_the_follower_that_took_over() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    fn = Gated("v")
+    leader = asyncio.create_task(flight.do("k", fn))
+    follower = asyncio.create_task(flight.do("k", fn))
+    await fn.started.wait()
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    late = asyncio.create_task(flight.do("k", fn))
+    fn.gate.set()
+    assert await asyncio.gather(follower, late) == ["v", "v"]
+    assert fn.calls == 2
+
+
+async def test_a_cancelled_leader_alone_stops_the_work() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    fn = Gated("v")
+    leader = asyncio.create_task(flight.do("k", fn))
+    await fn.started.wait()
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    assert not fn.finished
+    assert flight.in_flight == 0
+
+
+async def test_an_error_of_a_follower_that_left_is_not_reported_as_unretrieved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     error = RuntimeError("late failure")
     fn = Gated(error=error)
-    waiter = asyncio.create_task(flight.do("k", fn))
+    leader = asyncio.create_task(flight.do("k", fn))
+    follower = asyncio.create_task(flight.do("k", fn))
     await fn.started.wait()
-    waiter.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
-    with caplog.at_level(logging.WARNING, logger="interlock.resilience.coalesce"):
-        fn.gate.set()
-        await asyncio.wait(fn.tasks)
-    [record] = [r for r in caplog.records if r.name == "interlock.resilience.coalesce"]
-    assert record.exc_info is not None and record.exc_info[1] is error
-    assert "'k'" in record.getMessage()
-    assert flight.in_flight == 0
+    fn.gate.set()
+    follower.cancel()  # after its future is resolved, before it runs
+    results = await asyncio.gather(leader, follower, return_exceptions=True)
+    assert results[0] is error
+    assert isinstance(results[1], asyncio.CancelledError | RuntimeError)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
 
 
-async def test_a_cancelled_execution_cancels_its_waiters() -> None:
+async def test_an_fn_that_raises_cancelled_itself_hands_over_too() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated(error=asyncio.CancelledError())
     waiters = [asyncio.create_task(flight.do("k", fn)) for _ in range(2)]
@@ -161,6 +187,7 @@ async def test_a_cancelled_execution_cancels_its_waiters() -> None:
     fn.gate.set()
     await asyncio.gather(*waiters, return_exceptions=True)
     assert all(w.cancelled() for w in waiters)
+    assert fn.calls == 2
     assert flight.in_flight == 0
 
 
