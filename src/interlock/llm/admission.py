@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from interlock.errors import (
     AuthError,
@@ -28,6 +28,7 @@ from interlock.llm.calls import CallInfo, Tenant
 from interlock.llm.limits import Limit, RateLimiter, Reservation, acquire_within
 from interlock.llm.observer import GatewayObserver
 from interlock.llm.tokens import count_embedding_tokens, count_prompt_tokens
+from interlock.llm.wire import ChatRequest, EmbeddingsRequest
 from interlock.settings import LLMModel, LLMSettings
 
 __all__ = ["Admission", "Admitted", "tenant_keys_from_env"]
@@ -148,11 +149,13 @@ class Admission:
         return self._reserve_tokens(body, "chat" if "messages" in body else "embeddings")
 
     def _reserve_tokens(self, body: dict[str, Any], kind: str) -> int:
+        """The prompt's tokens plus the most the answer may use (an admitted body)."""
         if kind == "embeddings":
-            return count_embedding_tokens(body.get("input", ""))
-        prompt = count_prompt_tokens(body)
-        most = body.get("max_completion_tokens") or body.get("max_tokens") or 0
-        return prompt + (int(most) if isinstance(most, int | float) else 0)
+            return count_embedding_tokens(cast(EmbeddingsRequest, body)["input"])
+        request = cast(ChatRequest, body)
+        # The wire may hold anything there: a number counts, anything else is 0.
+        most: object = request.get("max_completion_tokens") or request.get("max_tokens") or 0
+        return count_prompt_tokens(request) + (int(most) if isinstance(most, int | float) else 0)
 
     async def acquire(
         self, limits: Sequence[Limit], tokens: int, deadline: float

@@ -63,6 +63,7 @@ from interlock.cache import Cache, open_cache
 from interlock.llm.canonical import IGNORED_FIELDS, canonical_request, sampled, semantic_query
 from interlock.llm.chunks import chunks_to_completion, completion_to_chunks
 from interlock.llm.semantic import RedisVectorLog, VectorIndex
+from interlock.llm.wire import ChatRequest
 
 if TYPE_CHECKING:
     from interlock._core.clock import Clock
@@ -194,7 +195,7 @@ class LLMCache:
 
     def key(
         self,
-        body: dict[str, Any],
+        body: ChatRequest,
         *,
         scope: str,
         control: CacheControl = _PLAIN,
@@ -223,7 +224,7 @@ class LLMCache:
     async def get(
         self,
         key: bytes,
-        body: dict[str, Any],
+        body: ChatRequest,
         *,
         scope: str,
         semantic: bool = False,
@@ -252,7 +253,7 @@ class LLMCache:
         self,
         embedder: Embedder,
         key: bytes,
-        body: dict[str, Any],
+        body: ChatRequest,
         scope: str,
         threshold: float | None,
     ) -> CachedAnswer | None:
@@ -338,7 +339,7 @@ class LLMCache:
     async def put(
         self,
         key: bytes,
-        body: dict[str, Any],
+        body: ChatRequest,
         completion: dict[str, Any],
         *,
         scope: str,

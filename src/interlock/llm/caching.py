@@ -18,10 +18,11 @@ from interlock.llm.cache import CacheControl, CachedAnswer, LLMCache
 from interlock.llm.calls import CallInfo, ChatResult
 from interlock.llm.observer import GatewayObserver
 from interlock.llm.types import Usage
+from interlock.llm.wire import ChatRequest
 
 __all__ = ["GatewayCache"]
 
-_Put = tuple[bytes, dict[str, Any], dict[str, Any], Admitted]
+_Put = tuple[bytes, ChatRequest, dict[str, Any], Admitted]
 
 
 class GatewayCache:
@@ -43,7 +44,7 @@ class GatewayCache:
         self._background = background
         self._puts: list[_Put] = []
 
-    def key(self, body: dict[str, Any], admitted: Admitted, control: CacheControl) -> bytes | None:
+    def key(self, body: ChatRequest, admitted: Admitted, control: CacheControl) -> bytes | None:
         """The request's key, or None when it is not cached (or there is no cache)."""
         if self.cache is None:
             return None
@@ -51,9 +52,7 @@ class GatewayCache:
             body, scope=admitted.scope, control=control, sampled_ok=self._cache_sampled
         )
 
-    async def get(
-        self, key: bytes, body: dict[str, Any], admitted: Admitted
-    ) -> CachedAnswer | None:
+    async def get(self, key: bytes, body: ChatRequest, admitted: Admitted) -> CachedAnswer | None:
         if self.cache is None:
             return None
         model = admitted.model
@@ -69,7 +68,7 @@ class GatewayCache:
         return hit
 
     async def stale(
-        self, body: dict[str, Any], admitted: Admitted, control: CacheControl
+        self, body: ChatRequest, admitted: Admitted, control: CacheControl
     ) -> CachedAnswer | None:
         """The stored answer however old, for when nothing upstream answers."""
         if self.cache is None:
@@ -107,7 +106,7 @@ class GatewayCache:
         return ChatResult(hit.completion, info)
 
     def store_later(
-        self, key: bytes, body: dict[str, Any], completion: dict[str, Any], admitted: Admitted
+        self, key: bytes, body: ChatRequest, completion: dict[str, Any], admitted: Admitted
     ) -> None:
         """Store behind the answer: one task per loop turn for every answer of that turn.
 

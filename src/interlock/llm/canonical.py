@@ -10,9 +10,11 @@ the semantic cache compares by meaning, and the context the rest must match.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from collections.abc import Mapping
 
 import orjson
+
+from interlock.llm.wire import ChatRequest
 
 __all__ = ["IGNORED_FIELDS", "canonical_request", "sampled", "semantic_query"]
 
@@ -33,7 +35,7 @@ IGNORED_FIELDS = frozenset(
 _FLOAT_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 
 
-def canonical_request(body: dict[str, Any]) -> dict[str, Any]:
+def canonical_request(body: Mapping[str, object]) -> dict[str, object]:
     """``body`` as hashed for the key: ignored fields out, equal spellings made one."""
     out = {name: value for name, value in body.items() if name not in IGNORED_FIELDS}
     if out.get("n") == 1:
@@ -48,7 +50,7 @@ def canonical_request(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _canonical_message(message: Any) -> Any:
+def _canonical_message(message: object) -> object:
     if isinstance(message, dict):
         content = message.get("content")
         if (
@@ -62,7 +64,7 @@ def _canonical_message(message: Any) -> Any:
     return message
 
 
-def sampled(body: dict[str, Any]) -> bool:
+def sampled(body: ChatRequest) -> bool:
     """Whether the answer is drawn at random: temperature absent (default 1) or above 0."""
     temperature = body.get("temperature")
     if isinstance(temperature, int | float) and not isinstance(temperature, bool):
@@ -70,7 +72,7 @@ def sampled(body: dict[str, Any]) -> bool:
     return True
 
 
-def semantic_query(body: dict[str, Any]) -> tuple[str, int] | None:
+def semantic_query(body: ChatRequest) -> tuple[str, int] | None:
     """The text to embed and the context tag, or None when the request has no such text.
 
     The text is the last message's, when that is the user's and only text. The
@@ -94,7 +96,7 @@ def semantic_query(body: dict[str, Any]) -> tuple[str, int] | None:
     return text, int.from_bytes(digest[:8], "big", signed=True)
 
 
-def _text_of(content: Any) -> str | None:
+def _text_of(content: object) -> str | None:
     """A message content as plain text; None if it holds anything else (an image, say)."""
     if isinstance(content, str):
         return content

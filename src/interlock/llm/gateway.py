@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any
+from typing import Any, cast
 
 from interlock._core.clock import Clock, SystemClock
 from interlock.errors import UnavailableError
@@ -42,6 +42,7 @@ from interlock.llm.streaming import Streams, replay
 from interlock.llm.tokens import load_encoding
 from interlock.llm.types import Provider
 from interlock.llm.usage import UsageRecorder
+from interlock.llm.wire import ChatRequest
 from interlock.resilience.coalesce import SingleFlight
 from interlock.settings import LLMSettings
 
@@ -191,16 +192,17 @@ class Gateway:
         deadline = self._admission.deadline(timeout_s)
         control = control or CacheControl()
         admitted = await self._admission.admit(body, tenant, info, deadline, kind="chat")
+        request = cast(ChatRequest, body)  # admitted: its model and messages are checked
         model = admitted.model
         caching = self._caching
         status = "error"
         try:
-            key = caching.key(body, admitted, control)
+            key = caching.key(request, admitted, control)
             if key is None:
                 completion, _ = await self._attempts.chat(body, model, deadline, info)
             else:
                 if control.read:
-                    hit = await caching.get(key, body, admitted)
+                    hit = await caching.get(key, request, admitted)
                     if hit is not None:
                         status = "ok"
                         return caching.answer(hit, admitted, info)
@@ -217,11 +219,11 @@ class Gateway:
                     )
                     return ChatResult(completion, info)
                 if control.write:
-                    caching.store_later(key, body, completion, admitted)
+                    caching.store_later(key, request, completion, admitted)
             status = "ok"
             return ChatResult(completion, info)
         except UnavailableError:
-            stale = await caching.stale(body, admitted, control)
+            stale = await caching.stale(request, admitted, control)
             if stale is None:
                 raise
             status = "ok"
@@ -249,11 +251,12 @@ class Gateway:
         deadline = self._admission.deadline(timeout_s)
         control = control or CacheControl()
         admitted = await self._admission.admit(body, tenant, info, deadline, kind="chat")
+        request = cast(ChatRequest, body)  # admitted: its model and messages are checked
         caching = self._caching
         try:
-            key = caching.key(body, admitted, control)
+            key = caching.key(request, admitted, control)
             if key is not None and control.read:
-                hit = await caching.get(key, body, admitted)
+                hit = await caching.get(key, request, admitted)
                 if hit is not None:
                     return replay(info, caching.answer(hit, admitted, info).completion)
             try:
@@ -261,7 +264,7 @@ class Gateway:
                     admitted.model, body, deadline, info, self._streams.open
                 )
             except UnavailableError:
-                stale = await caching.stale(body, admitted, control)
+                stale = await caching.stale(request, admitted, control)
                 if stale is None:
                     raise
                 return replay(info, caching.answer(stale, admitted, info).completion)
@@ -271,7 +274,7 @@ class Gateway:
             )
             raise
         self._observer.first_token(info.model, time.perf_counter() - info.started)
-        relay = self._streams.relay(opened, body, admitted, info, key if control.write else None)
+        relay = self._streams.relay(opened, request, admitted, info, key if control.write else None)
         return ChatStream(info, relay, ready=len(opened[2]))
 
     # -- embeddings ---------------------------------------------------------------------------

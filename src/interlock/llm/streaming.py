@@ -25,6 +25,7 @@ from interlock.llm.observer import GatewayObserver
 from interlock.llm.routing import DeploymentState
 from interlock.llm.tokens import count_prompt_tokens, count_text_tokens
 from interlock.llm.types import Chunk, Provider, Usage
+from interlock.llm.wire import ChatRequest
 
 __all__ = ["Opened", "Streams", "replay"]
 
@@ -73,7 +74,7 @@ class Streams:
     async def relay(
         self,
         opened: Opened,
-        body: dict[str, Any],
+        body: ChatRequest,
         admitted: Admitted,
         info: CallInfo,
         cache_key: bytes | None,
@@ -154,7 +155,7 @@ async def _close(chunks: AsyncIterator[Chunk]) -> None:
             await aclose()
 
 
-def _estimate_usage(body: dict[str, Any], completion: dict[str, Any]) -> Usage:
+def _estimate_usage(body: ChatRequest, completion: dict[str, Any]) -> Usage:
     """Usage counted here when an upstream stream did not report it."""
     text = ""
     for choice in completion.get("choices") or ():

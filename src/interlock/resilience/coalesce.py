@@ -68,7 +68,8 @@ class SingleFlight(Generic[K, V]):
 
     @property
     def followers(self) -> int:
-        """How many callers wait now on an execution another caller runs."""
+        """How many callers wait now on an execution another caller runs (O(keys): for
+        diagnostics and tests, not the hot path)."""
         return sum(
             sum(1 for w in waiters if not w.done()) for waiters in self._calls.values() if waiters
         )
