@@ -37,7 +37,7 @@ class Gated:
 async def test_concurrent_callers_share_one_execution() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated("answer")
-    waiters = [asyncio.create_task(flight.do("k", fn)) for _ in range(10)]
+    waiters = [asyncio.create_task(flight.do("k", fn())) for _ in range(10)]
     # Tasks run in order: by the time fn starts, every waiter has joined.
     await fn.started.wait()
     assert flight.in_flight == 1
@@ -51,7 +51,7 @@ async def test_the_exception_reaches_every_caller() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     error = RuntimeError("model down")
     fn = Gated(error=error)
-    waiters = [asyncio.create_task(flight.do("k", fn)) for _ in range(3)]
+    waiters = [asyncio.create_task(flight.do("k", fn())) for _ in range(3)]
     await fn.started.wait()
     fn.gate.set()
     results = await asyncio.gather(*waiters, return_exceptions=True)
@@ -64,8 +64,8 @@ async def test_the_exception_reaches_every_caller() -> None:
 async def test_different_keys_run_independently() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fa, fb = Gated("a"), Gated("b")
-    wa = asyncio.create_task(flight.do("a", fa))
-    wb = asyncio.create_task(flight.do("b", fb))
+    wa = asyncio.create_task(flight.do("a", fa()))
+    wb = asyncio.create_task(flight.do("b", fb()))
     await fa.started.wait()
     await fb.started.wait()
     assert flight.in_flight == 2
@@ -83,17 +83,17 @@ async def test_nothing_is_cached_once_the_execution_is_done() -> None:
     first, second = Gated("1"), Gated("2")
     first.gate.set()
     second.gate.set()
-    assert await flight.do("k", first) == "1"
-    assert await flight.do("k", second) == "2"
+    assert await flight.do("k", first()) == "1"
+    assert await flight.do("k", second()) == "2"
     assert (first.calls, second.calls) == (1, 1)
 
 
 async def test_a_cancelled_follower_does_not_cancel_the_others() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated("v")
-    leader = asyncio.create_task(flight.do("k", fn))
-    leaving = asyncio.create_task(flight.do("k", fn))
-    staying = asyncio.create_task(flight.do("k", fn))
+    leader = asyncio.create_task(flight.do("k", fn()))
+    leaving = asyncio.create_task(flight.do("k", fn()))
+    staying = asyncio.create_task(flight.do("k", fn()))
     await fn.started.wait()
     leaving.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -109,7 +109,7 @@ async def test_a_cancelled_follower_does_not_cancel_the_others() -> None:
 async def test_the_leader_runs_inline_in_its_own_task() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated("v")
-    leader = asyncio.create_task(flight.do("k", fn))
+    leader = asyncio.create_task(flight.do("k", fn()))
     await fn.started.wait()
     assert fn.tasks == [leader]
     fn.gate.set()
@@ -119,8 +119,8 @@ async def test_the_leader_runs_inline_in_its_own_task() -> None:
 async def test_a_cancelled_leader_hands_the_work_to_a_follower() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated("v")
-    leader = asyncio.create_task(flight.do("k", fn))
-    followers = [asyncio.create_task(flight.do("k", fn)) for _ in range(3)]
+    leader = asyncio.create_task(flight.do("k", fn()))
+    followers = [asyncio.create_task(flight.do("k", fn())) for _ in range(3)]
     await fn.started.wait()
     fn.started.clear()
     leader.cancel()
@@ -138,13 +138,13 @@ async def test_a_cancelled_leader_hands_the_work_to_a_follower() -> None:
 async def test_a_late_caller_joins_the_follower_that_took_over() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated("v")
-    leader = asyncio.create_task(flight.do("k", fn))
-    follower = asyncio.create_task(flight.do("k", fn))
+    leader = asyncio.create_task(flight.do("k", fn()))
+    follower = asyncio.create_task(flight.do("k", fn()))
     await fn.started.wait()
     leader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await leader
-    late = asyncio.create_task(flight.do("k", fn))
+    late = asyncio.create_task(flight.do("k", fn()))
     fn.gate.set()
     assert await asyncio.gather(follower, late) == ["v", "v"]
     assert fn.calls == 2
@@ -153,7 +153,7 @@ async def test_a_late_caller_joins_the_follower_that_took_over() -> None:
 async def test_a_cancelled_leader_alone_stops_the_work() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated("v")
-    leader = asyncio.create_task(flight.do("k", fn))
+    leader = asyncio.create_task(flight.do("k", fn()))
     await fn.started.wait()
     leader.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -168,8 +168,8 @@ async def test_an_error_of_a_follower_that_left_is_not_reported_as_unretrieved(
     flight: SingleFlight[str, str] = SingleFlight()
     error = RuntimeError("late failure")
     fn = Gated(error=error)
-    leader = asyncio.create_task(flight.do("k", fn))
-    follower = asyncio.create_task(flight.do("k", fn))
+    leader = asyncio.create_task(flight.do("k", fn()))
+    follower = asyncio.create_task(flight.do("k", fn()))
     await fn.started.wait()
     fn.gate.set()
     follower.cancel()  # after its future is resolved, before it runs
@@ -182,7 +182,7 @@ async def test_an_error_of_a_follower_that_left_is_not_reported_as_unretrieved(
 async def test_an_fn_that_raises_cancelled_itself_hands_over_too() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated(error=asyncio.CancelledError())
-    waiters = [asyncio.create_task(flight.do("k", fn)) for _ in range(2)]
+    waiters = [asyncio.create_task(flight.do("k", fn())) for _ in range(2)]
     await fn.started.wait()
     fn.gate.set()
     await asyncio.gather(*waiters, return_exceptions=True)
@@ -191,12 +191,30 @@ async def test_an_fn_that_raises_cancelled_itself_hands_over_too() -> None:
     assert flight.in_flight == 0
 
 
-async def test_an_fn_that_raises_before_awaiting_leaves_nothing_behind() -> None:
+async def test_work_that_fails_at_once_leaves_nothing_behind() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
 
-    def broken() -> asyncio.Future[str]:
+    async def broken() -> str:
         raise ValueError("bad request")
 
     with pytest.raises(ValueError, match="bad request"):
-        await flight.do("k", broken)
+        await flight.do("k", broken())
     assert flight.in_flight == 0
+
+
+async def test_a_followers_own_work_is_closed_unstarted() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    fn = Gated("v")
+    leader = asyncio.create_task(flight.do("k", fn()))
+    await fn.started.wait()
+    own = fn()
+    follower = asyncio.create_task(flight.do("k", own))
+    leaving = asyncio.create_task(flight.do("k", fn()))
+    async with asyncio.timeout(5):
+        while flight.followers < 2:  # both join (nothing ends before the gate opens)
+            await asyncio.sleep(0)
+    leaving.cancel()
+    fn.gate.set()
+    assert await asyncio.gather(leader, follower) == ["v", "v"]
+    assert own.cr_frame is None  # closed, never run: no "never awaited" warning
+    assert fn.calls == 1

@@ -207,7 +207,7 @@ class Gateway:
                         status = "ok"
                         return caching.answer(hit, admitted, info)
                 completion, source = await self._flight.do(
-                    key, self._attempts.chat, body, model, deadline, info
+                    key, self._attempts.chat(body, model, deadline, info)
                 )
                 if source is not info:  # another request's call answered this one
                     info.model, info.deployment = source.model, source.deployment

@@ -187,7 +187,7 @@ class Pipeline:
             sub_rows = len(missing)
         # Identical concurrent misses share one prediction (a cancelled leader hands it over).
         fresh = await self._flight.do(
-            b"\x00".join(keys[i] for i in missing), self._call, loaded, sub, sub_rows, deadline
+            b"\x00".join(keys[i] for i in missing), self._call(loaded, sub, sub_rows, deadline)
         )
         items = [(keys[i], orjson.dumps(v)) for i, v in zip(missing, fresh, strict=True)]
         if self._inline_writes:
