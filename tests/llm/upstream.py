@@ -74,21 +74,23 @@ class Fault:
     """What one request meets; the default, ``Fault()``, is a normal answer.
 
     ``hang`` never answers (the handler is released when the client leaves or the
-    server stops). Otherwise ``latency_ms`` passes before anything is sent; then a
-    ``status`` answers with an error in the route's shape (``error_body`` replaces it),
-    ``malformed`` answers 200 with a body that does not parse, and a normal answer uses
-    ``text`` instead of the echo. For streams, ``first_token_delay_ms`` passes before the
-    first content event (after OpenAI's role chunk, or Anthropic's ``message_start``,
-    ``content_block_start`` and ``ping``), ``chunk_delay_ms`` before each later event,
-    and ``cut_after_chunks`` closes the connection after that many SSE events, never
-    sending the terminator (``[DONE]`` or ``message_stop``). ``retry_after`` is sent as
-    the Retry-After header with whatever the answer is.
+    server stops); ``hold`` waits for :meth:`FakeUpstream.release` first. Otherwise
+    ``latency_ms`` passes before anything is sent; then a ``status`` answers with an
+    error in the route's shape (``error_body`` replaces it), ``malformed`` answers 200
+    with a body that does not parse, and a normal answer uses ``text`` instead of the
+    echo. For streams, ``first_token_delay_ms`` passes before the first content event
+    (after OpenAI's role chunk, or Anthropic's ``message_start``, ``content_block_start``
+    and ``ping``), ``chunk_delay_ms`` before each later event, and ``cut_after_chunks``
+    closes the connection after that many SSE events, never sending the terminator
+    (``[DONE]`` or ``message_stop``). ``retry_after`` is sent as the Retry-After header
+    with whatever the answer is.
     """
 
     latency_ms: float = 0.0
     status: int | None = None
     retry_after: str | None = None
     hang: bool = False
+    hold: bool = False
     malformed: bool = False
     cut_after_chunks: int | None = None
     first_token_delay_ms: float = 0.0
@@ -364,6 +366,7 @@ class FakeUpstream:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._closing: asyncio.Event | None = None
+        self._released: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._failure: BaseException | None = None
@@ -432,6 +435,7 @@ class FakeUpstream:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._closing = asyncio.Event()
+        self._released = asyncio.Event()
         server = web.Server(self._handle, handler_cancellation=True, access_log=None)
         runner = web.ServerRunner(server, shutdown_timeout=0.5)
         await runner.setup()
@@ -444,6 +448,7 @@ class FakeUpstream:
             await self._stop.wait()
         finally:
             self._closing.set()
+            self._released.set()
             await runner.cleanup()
 
     def _request_stop(self) -> None:
@@ -473,9 +478,21 @@ class FakeUpstream:
             self._deployment(deployment).key = key
 
     def reset(self) -> None:
-        """Forget every deployment's script, default, key, records and counts."""
+        """Forget every deployment's script, default, key, records and counts; hold again."""
         with self._lock:
             self._deployments.clear()
+        self._call_soon(lambda released: released.clear())
+
+    def release(self) -> None:
+        """Let the requests held by ``Fault(hold=True)`` answer (and the next ones too,
+        until :meth:`reset`)."""
+        self._call_soon(lambda released: released.set())
+
+    def _call_soon(self, fn: Callable[[asyncio.Event], None]) -> None:
+        loop, released = self._loop, self._released
+        if loop is not None and released is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already ended
+                loop.call_soon_threadsafe(fn, released)
 
     def requests(self, deployment: str) -> list[Recorded]:
         """The deployment's requests so far, in arrival order (empty with record=False)."""
@@ -535,6 +552,9 @@ class FakeUpstream:
             if request.transport is not None:
                 request.transport.close()
             return web.Response(status=503)
+        if fault.hold:
+            assert self._released is not None
+            await self._released.wait()
         if fault.latency_ms:
             await asyncio.sleep(fault.latency_ms / 1000)
         if fault.status is not None:

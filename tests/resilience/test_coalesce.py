@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import pytest
 
@@ -38,7 +37,7 @@ class Gated:
 async def test_concurrent_callers_share_one_execution() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated("answer")
-    waiters = [asyncio.create_task(flight.do("k", fn)) for _ in range(10)]
+    waiters = [asyncio.create_task(flight.do("k", fn())) for _ in range(10)]
     # Tasks run in order: by the time fn starts, every waiter has joined.
     await fn.started.wait()
     assert flight.in_flight == 1
@@ -52,7 +51,7 @@ async def test_the_exception_reaches_every_caller() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     error = RuntimeError("model down")
     fn = Gated(error=error)
-    waiters = [asyncio.create_task(flight.do("k", fn)) for _ in range(3)]
+    waiters = [asyncio.create_task(flight.do("k", fn())) for _ in range(3)]
     await fn.started.wait()
     fn.gate.set()
     results = await asyncio.gather(*waiters, return_exceptions=True)
@@ -65,8 +64,8 @@ async def test_the_exception_reaches_every_caller() -> None:
 async def test_different_keys_run_independently() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fa, fb = Gated("a"), Gated("b")
-    wa = asyncio.create_task(flight.do("a", fa))
-    wb = asyncio.create_task(flight.do("b", fb))
+    wa = asyncio.create_task(flight.do("a", fa()))
+    wb = asyncio.create_task(flight.do("b", fb()))
     await fa.started.wait()
     await fb.started.wait()
     assert flight.in_flight == 2
@@ -84,92 +83,138 @@ async def test_nothing_is_cached_once_the_execution_is_done() -> None:
     first, second = Gated("1"), Gated("2")
     first.gate.set()
     second.gate.set()
-    assert await flight.do("k", first) == "1"
-    assert await flight.do("k", second) == "2"
+    assert await flight.do("k", first()) == "1"
+    assert await flight.do("k", second()) == "2"
     assert (first.calls, second.calls) == (1, 1)
 
 
-async def test_a_cancelled_waiter_does_not_cancel_the_others() -> None:
+async def test_a_cancelled_follower_does_not_cancel_the_others() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated("v")
-    leaving = asyncio.create_task(flight.do("k", fn))
-    staying = asyncio.create_task(flight.do("k", fn))
+    leader = asyncio.create_task(flight.do("k", fn()))
+    leaving = asyncio.create_task(flight.do("k", fn()))
+    staying = asyncio.create_task(flight.do("k", fn()))
     await fn.started.wait()
     leaving.cancel()
     with pytest.raises(asyncio.CancelledError):
         await leaving
     assert flight.in_flight == 1
     fn.gate.set()
+    assert await leader == "v"
     assert await staying == "v"
     assert fn.finished
     assert fn.calls == 1
 
 
-async def test_a_late_caller_joins_after_another_was_cancelled() -> None:
+async def test_the_leader_runs_inline_in_its_own_task() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated("v")
-    first = asyncio.create_task(flight.do("k", fn))
+    leader = asyncio.create_task(flight.do("k", fn()))
     await fn.started.wait()
-    first.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await first
-    late = asyncio.create_task(flight.do("k", fn))
+    assert fn.tasks == [leader]
     fn.gate.set()
-    assert await late == "v"
-    assert fn.calls == 1
+    assert await leader == "v"
 
 
-async def test_when_every_waiter_is_cancelled_the_execution_still_finishes() -> None:
+async def test_a_cancelled_leader_hands_the_work_to_a_follower() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated("v")
-    waiters = [asyncio.create_task(flight.do("k", fn)) for _ in range(3)]
+    leader = asyncio.create_task(flight.do("k", fn()))
+    followers = [asyncio.create_task(flight.do("k", fn())) for _ in range(3)]
     await fn.started.wait()
-    for w in waiters:
-        w.cancel()
-    await asyncio.gather(*waiters, return_exceptions=True)
-    assert all(w.cancelled() for w in waiters)
+    fn.started.clear()
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    await fn.started.wait()  # the first follower leads now; the others wait on it
+    assert fn.tasks == [leader, followers[0]]
     assert flight.in_flight == 1
     fn.gate.set()
-    await asyncio.wait(fn.tasks)
-    assert fn.finished
+    assert await asyncio.gather(*followers) == ["v"] * 3
+    assert fn.calls == 2
     assert flight.in_flight == 0
 
 
-async def test_an_error_nobody_waits_for_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_late_caller_joins_the_follower_that_took_over() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    fn = Gated("v")
+    leader = asyncio.create_task(flight.do("k", fn()))
+    follower = asyncio.create_task(flight.do("k", fn()))
+    await fn.started.wait()
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    late = asyncio.create_task(flight.do("k", fn()))
+    fn.gate.set()
+    assert await asyncio.gather(follower, late) == ["v", "v"]
+    assert fn.calls == 2
+
+
+async def test_a_cancelled_leader_alone_stops_the_work() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    fn = Gated("v")
+    leader = asyncio.create_task(flight.do("k", fn()))
+    await fn.started.wait()
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    assert not fn.finished
+    assert flight.in_flight == 0
+
+
+async def test_an_error_of_a_follower_that_left_is_not_reported_as_unretrieved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     error = RuntimeError("late failure")
     fn = Gated(error=error)
-    waiter = asyncio.create_task(flight.do("k", fn))
+    leader = asyncio.create_task(flight.do("k", fn()))
+    follower = asyncio.create_task(flight.do("k", fn()))
     await fn.started.wait()
-    waiter.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
-    with caplog.at_level(logging.WARNING, logger="interlock.resilience.coalesce"):
-        fn.gate.set()
-        await asyncio.wait(fn.tasks)
-    [record] = [r for r in caplog.records if r.name == "interlock.resilience.coalesce"]
-    assert record.exc_info is not None and record.exc_info[1] is error
-    assert "'k'" in record.getMessage()
-    assert flight.in_flight == 0
+    fn.gate.set()
+    follower.cancel()  # after its future is resolved, before it runs
+    results = await asyncio.gather(leader, follower, return_exceptions=True)
+    assert results[0] is error
+    assert isinstance(results[1], asyncio.CancelledError | RuntimeError)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
 
 
-async def test_a_cancelled_execution_cancels_its_waiters() -> None:
+async def test_an_fn_that_raises_cancelled_itself_hands_over_too() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
     fn = Gated(error=asyncio.CancelledError())
-    waiters = [asyncio.create_task(flight.do("k", fn)) for _ in range(2)]
+    waiters = [asyncio.create_task(flight.do("k", fn())) for _ in range(2)]
     await fn.started.wait()
     fn.gate.set()
     await asyncio.gather(*waiters, return_exceptions=True)
     assert all(w.cancelled() for w in waiters)
+    assert fn.calls == 2
     assert flight.in_flight == 0
 
 
-async def test_an_fn_that_raises_before_awaiting_leaves_nothing_behind() -> None:
+async def test_work_that_fails_at_once_leaves_nothing_behind() -> None:
     flight: SingleFlight[str, str] = SingleFlight()
 
-    def broken() -> asyncio.Future[str]:
+    async def broken() -> str:
         raise ValueError("bad request")
 
     with pytest.raises(ValueError, match="bad request"):
-        await flight.do("k", broken)
+        await flight.do("k", broken())
     assert flight.in_flight == 0
+
+
+async def test_a_followers_own_work_is_closed_unstarted() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    fn = Gated("v")
+    leader = asyncio.create_task(flight.do("k", fn()))
+    await fn.started.wait()
+    own = fn()
+    follower = asyncio.create_task(flight.do("k", own))
+    leaving = asyncio.create_task(flight.do("k", fn()))
+    async with asyncio.timeout(5):
+        while flight.followers < 2:  # both join (nothing ends before the gate opens)
+            await asyncio.sleep(0)
+    leaving.cancel()
+    fn.gate.set()
+    assert await asyncio.gather(leader, follower) == ["v", "v"]
+    assert own.cr_frame is None  # closed, never run: no "never awaited" warning
+    assert fn.calls == 1

@@ -39,9 +39,8 @@ bounded in bytes, or Redis, shared and failing open) under their own prefix
 completion as orjson, zlib-compressed (level 1) from 1 KiB: typical answers of 1-6 KiB
 shrink to 50-60 % for ~0.1-0.2 ms of CPU per store and ~20 µs per read.
 
-**Streams.** :func:`chunks_to_completion` assembles a streamed answer into a whole
-``chat.completion`` so that it can be cached and later served to any request;
-:func:`completion_to_chunks` replays a cached one as the chunks of a stream.
+The canonical request is :mod:`interlock.llm.canonical`'s; streams are assembled and
+replayed by :mod:`interlock.llm.chunks` (both re-exported here).
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import re
 import struct
 import zlib
 from collections import OrderedDict
@@ -62,12 +60,14 @@ import numpy as np
 import orjson
 
 from interlock.cache import Cache, open_cache
+from interlock.llm.canonical import IGNORED_FIELDS, canonical_request, sampled, semantic_query
+from interlock.llm.chunks import chunks_to_completion, completion_to_chunks
 from interlock.llm.semantic import RedisVectorLog, VectorIndex
+from interlock.llm.wire import ChatRequest
 
 if TYPE_CHECKING:
     from interlock._core.clock import Clock
     from interlock.llm.semantic import Embedder, VectorLog, Vectors
-    from interlock.llm.types import Chunk
     from interlock.settings import LLMCacheSettings
 
 __all__ = [
@@ -87,22 +87,6 @@ logger = logging.getLogger("interlock.llm.cache")
 
 LLM_PREFIX = b"interlock:llm:"
 """Before every Redis key of the LLM cache (the prediction cache uses ``interlock:pc:``)."""
-
-IGNORED_FIELDS = frozenset(
-    {
-        "stream",
-        "stream_options",
-        "user",
-        "metadata",
-        "store",
-        "service_tier",
-        "prompt_cache_key",
-        "safety_identifier",
-    }
-)
-"""Request fields that do not change the answer, left out of the key."""
-
-_FLOAT_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 
 COMPRESS_MIN_BYTES = 1024
 SEMANTIC_TRIES = 3
@@ -211,7 +195,7 @@ class LLMCache:
 
     def key(
         self,
-        body: dict[str, Any],
+        body: ChatRequest,
         *,
         scope: str,
         control: CacheControl = _PLAIN,
@@ -227,7 +211,7 @@ class LLMCache:
         n = body.get("n")
         if n is not None and n != 1:
             return None
-        if _sampled(body) and not (control.force or sampled_ok or self.settings.cache_sampled):
+        if sampled(body) and not (control.force or sampled_ok or self.settings.cache_sampled):
             return None
         try:
             canonical = orjson.dumps([scope, canonical_request(body)], option=orjson.OPT_SORT_KEYS)
@@ -240,7 +224,7 @@ class LLMCache:
     async def get(
         self,
         key: bytes,
-        body: dict[str, Any],
+        body: ChatRequest,
         *,
         scope: str,
         semantic: bool = False,
@@ -269,11 +253,11 @@ class LLMCache:
         self,
         embedder: Embedder,
         key: bytes,
-        body: dict[str, Any],
+        body: ChatRequest,
         scope: str,
         threshold: float | None,
     ) -> CachedAnswer | None:
-        query = _semantic_query(body)
+        query = semantic_query(body)
         if query is None:
             return None
         text, context = query
@@ -355,7 +339,7 @@ class LLMCache:
     async def put(
         self,
         key: bytes,
-        body: dict[str, Any],
+        body: ChatRequest,
         completion: dict[str, Any],
         *,
         scope: str,
@@ -382,7 +366,7 @@ class LLMCache:
         embedder = self.embedder
         if not semantic or embedder is None:
             return
-        query = _semantic_query(body)
+        query = semantic_query(body)
         if query is None:
             return
         text, context = query
@@ -464,90 +448,6 @@ def open_llm_cache(
     return LLMCache(settings, store, clock=clock, embedder=embedder, vector_log=log)
 
 
-# -- requests ---------------------------------------------------------------------------
-
-
-def canonical_request(body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` as hashed for the key: ignored fields out, equal spellings made one."""
-    out = {name: value for name, value in body.items() if name not in IGNORED_FIELDS}
-    if out.get("n") == 1:
-        del out["n"]
-    for name in _FLOAT_FIELDS:
-        value = out.get(name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            out[name] = float(value)
-    messages = out.get("messages")
-    if isinstance(messages, list):
-        out["messages"] = [_canonical_message(message) for message in messages]
-    return out
-
-
-def _canonical_message(message: Any) -> Any:
-    if isinstance(message, dict):
-        content = message.get("content")
-        if (
-            isinstance(content, list)
-            and len(content) == 1
-            and isinstance(content[0], dict)
-            and content[0].keys() == {"type", "text"}
-            and content[0]["type"] == "text"
-        ):
-            return {**message, "content": content[0]["text"]}
-    return message
-
-
-def _sampled(body: dict[str, Any]) -> bool:
-    """Whether the answer is drawn at random: temperature absent (default 1) or above 0."""
-    temperature = body.get("temperature")
-    if isinstance(temperature, int | float) and not isinstance(temperature, bool):
-        return temperature > 0
-    return True
-
-
-def _semantic_query(body: dict[str, Any]) -> tuple[str, int] | None:
-    """The text to embed and the context tag, or None when the request has no such text.
-
-    The text is the last message's, when that is the user's and only text. The
-    context is a hash of the canonical request with that message's content blanked.
-    """
-    canonical = canonical_request(body)
-    messages = canonical.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return None
-    last = messages[-1]
-    if not isinstance(last, dict) or last.get("role") != "user":
-        return None
-    text = _text_of(last.get("content"))
-    if text is None or not text.strip():
-        return None
-    rest = {**canonical, "messages": [*messages[:-1], {**last, "content": None}]}
-    try:
-        digest = hashlib.sha256(orjson.dumps(rest, option=orjson.OPT_SORT_KEYS)).digest()
-    except orjson.JSONEncodeError:
-        return None
-    return text, int.from_bytes(digest[:8], "big", signed=True)
-
-
-def _text_of(content: Any) -> str | None:
-    """A message content as plain text; None if it holds anything else (an image, say)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        return None
-    texts = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") != "text":
-            return None
-        text = part.get("text")
-        if not isinstance(text, str):
-            return None
-        texts.append(text)
-    return "\n".join(texts)
-
-
-# -- values -----------------------------------------------------------------------------
-
-
 def _encode(completion: dict[str, Any], created: float) -> bytes:
     payload = orjson.dumps(completion)
     kind = _RAW
@@ -569,159 +469,3 @@ def _decode(value: bytes) -> tuple[dict[str, Any], float]:
     if not isinstance(completion, dict):
         raise ValueError("an entry that is not a JSON object")
     return completion, created
-
-
-# -- streams ----------------------------------------------------------------------------
-
-WORDS_PER_CHUNK = 4
-_WORDS = re.compile(r"\s*\S+|\s+")  # every character falls in exactly one match
-
-
-def completion_to_chunks(completion: dict[str, Any]) -> list[Chunk]:
-    """A whole ``chat.completion`` as the chunks of an OpenAI stream.
-
-    Per choice: a role chunk (with ``content: ""`` when the answer has text), the text
-    in pieces of ``WORDS_PER_CHUNK`` words (the logprobs ride on the first), the
-    refusal, one chunk per tool call (whole arguments), and a chunk with the
-    ``finish_reason``. Then, if the completion has ``usage``, a last chunk with
-    ``choices: []`` and the usage, as OpenAI sends for ``include_usage``.
-    """
-    base: dict[str, Any] = {
-        "id": completion.get("id"),
-        "object": "chat.completion.chunk",
-        "created": completion.get("created"),
-        "model": completion.get("model"),
-    }
-    for name in ("system_fingerprint", "service_tier"):
-        if completion.get(name) is not None:
-            base[name] = completion[name]
-
-    def chunk(index: int, delta: dict[str, Any], **extra: Any) -> Chunk:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-        return {**base, "choices": [{**choice, **extra}]}
-
-    chunks: list[Chunk] = []
-    for choice in completion.get("choices") or []:
-        index = choice.get("index", 0)
-        message = choice.get("message") or {}
-        content = message.get("content")
-        first: dict[str, Any] = {"role": message.get("role", "assistant")}
-        if isinstance(content, str):
-            first["content"] = ""
-        chunks.append(chunk(index, first))
-        logprobs = choice.get("logprobs")
-        words = _WORDS.findall(content) if isinstance(content, str) else []
-        for start in range(0, len(words), WORDS_PER_CHUNK):
-            piece = "".join(words[start : start + WORDS_PER_CHUNK])
-            chunks.append(chunk(index, {"content": piece}, logprobs=logprobs))
-            logprobs = None
-        if message.get("refusal"):
-            chunks.append(chunk(index, {"refusal": message["refusal"]}, logprobs=logprobs))
-            logprobs = None
-        for position, call in enumerate(message.get("tool_calls") or []):
-            delta = {"tool_calls": [{"index": position, **call}]}
-            chunks.append(chunk(index, delta))
-        chunks.append(
-            chunk(index, {}, logprobs=logprobs, finish_reason=choice.get("finish_reason"))
-        )
-    if completion.get("usage") is not None:
-        chunks.append({**base, "choices": [], "usage": completion["usage"]})
-    return chunks
-
-
-def chunks_to_completion(chunks: list[Chunk]) -> dict[str, Any]:
-    """The ``chat.completion`` that a stream's chunks spell out.
-
-    Text and refusals are joined; tool calls are assembled by their ``index`` (the
-    ``id``, ``type`` and name from wherever they come, the arguments concatenated);
-    the last ``finish_reason`` and the ``usage`` chunk are kept. A message's
-    ``content`` is None when no chunk carried text, as in a tool-call answer.
-    """
-    head = chunks[0] if chunks else {}
-    out: dict[str, Any] = {
-        "id": head.get("id"),
-        "object": "chat.completion",
-        "created": head.get("created"),
-        "model": head.get("model"),
-    }
-    choices: dict[int, _Choice] = {}
-    usage = None
-    for chunk in chunks:
-        for name in ("system_fingerprint", "service_tier"):
-            if chunk.get(name) is not None and name not in out:
-                out[name] = chunk[name]
-        if chunk.get("usage") is not None:
-            usage = chunk["usage"]
-        for delta_choice in chunk.get("choices") or []:
-            index = delta_choice.get("index", 0)
-            choices.setdefault(index, _Choice()).add(delta_choice)
-    out["choices"] = [choices[index].build(index) for index in sorted(choices)]
-    if usage is not None:
-        out["usage"] = usage
-    return out
-
-
-class _Choice:
-    """One choice of a stream, as its deltas arrive."""
-
-    def __init__(self) -> None:
-        self.role = "assistant"
-        self.content: list[str] | None = None
-        self.refusal: list[str] = []
-        self.calls: dict[int, dict[str, Any]] = {}
-        self.logprobs: dict[str, list[Any] | None] | None = None
-        self.finish_reason: str | None = None
-
-    def add(self, choice: dict[str, Any]) -> None:
-        delta = choice.get("delta") or {}
-        if delta.get("role"):
-            self.role = delta["role"]
-        if isinstance(delta.get("content"), str):
-            if self.content is None:
-                self.content = []
-            self.content.append(delta["content"])
-        if delta.get("refusal"):
-            self.refusal.append(delta["refusal"])
-        for call in delta.get("tool_calls") or []:
-            self._add_call(call)
-        logprobs = choice.get("logprobs")
-        if logprobs:
-            if self.logprobs is None:
-                self.logprobs = {}
-            for name, items in logprobs.items():
-                known = self.logprobs.get(name)
-                if items is None:
-                    self.logprobs.setdefault(name, None)
-                else:
-                    self.logprobs[name] = [*(known or []), *items]
-        if choice.get("finish_reason") is not None:
-            self.finish_reason = choice["finish_reason"]
-
-    def _add_call(self, delta: dict[str, Any]) -> None:
-        call = self.calls.setdefault(
-            delta.get("index", len(self.calls)),
-            {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
-        )
-        if delta.get("id"):
-            call["id"] = delta["id"]
-        if delta.get("type"):
-            call["type"] = delta["type"]
-        function = delta.get("function") or {}
-        call["function"]["name"] += function.get("name") or ""
-        call["function"]["arguments"] += function.get("arguments") or ""
-
-    def build(self, index: int) -> dict[str, Any]:
-        message: dict[str, Any] = {
-            "role": self.role,
-            "content": None if self.content is None else "".join(self.content),
-        }
-        if self.refusal:
-            message["refusal"] = "".join(self.refusal)
-        if self.calls:
-            message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
-        return {
-            "index": index,
-            "message": message,
-            "logprobs": self.logprobs,
-            "finish_reason": self.finish_reason,
-        }

@@ -15,10 +15,10 @@ from interlock.llm.budgets import open_ledger
 from interlock.llm.cache import open_llm_cache
 from interlock.llm.gateway import Gateway, tenant_keys_from_env
 from interlock.llm.limits import open_limiter
+from interlock.llm.observer import GatewayObserver
 from interlock.llm.providers import make_provider
 from interlock.llm.semantic import CallableEmbedder, Embedder, LocalEmbedder
 from interlock.llm.usage import UsageRecorder
-from interlock.monitoring.llm import LLMMetrics
 from interlock.resilience.supervisor import Supervisor
 from interlock.settings import Settings
 from interlock.store.db import Database
@@ -30,7 +30,7 @@ def open_gateway(
     settings: Settings,
     *,
     database: Database | None = None,
-    metrics: LLMMetrics | None = None,
+    metrics: GatewayObserver | None = None,
     clock: Clock | None = None,
     environ: Mapping[str, str] | None = None,
     supervisor: Supervisor | None = None,
@@ -77,7 +77,7 @@ def open_gateway(
         ledger=ledger,
         cache=cache,
         usage=usage,
-        metrics=metrics,
+        observer=metrics,
         clock=clock,
         tenant_keys=tenant_keys_from_env(llm, env),
     )

@@ -5,6 +5,10 @@ Labels are bounded by configuration: ``model`` and ``deployment`` are names from
 counted with ``model=""``), ``tenant`` a name from ``[[llm.tenants]]`` or ``""``.
 Counters count since the process started; one ``interlock serve`` process is one
 Prometheus target, so the figures are exact per target and add up across nodes.
+
+:class:`LLMMetrics` is the gateway's observer
+(:class:`~interlock.llm.observer.GatewayObserver`, met structurally: ``monitoring``
+does not import ``llm``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ _STATE_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.
 class LLMMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._children: dict[tuple[str, str, str, str], _Children] = {}
         r = self.registry
         self.requests = Counter(
             "interlock_llm_requests_total",
@@ -105,5 +110,65 @@ class LLMMetrics:
             registry=r,
         )
 
+    # -- the gateway's observer ------------------------------------------------------------
+
+    def answered(
+        self,
+        model: str,
+        deployment: str,
+        tenant: str,
+        status: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cost_usd: float,
+        overhead_s: float,
+    ) -> None:
+        key = (model, deployment, tenant, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = _Children(self, model, deployment, tenant, status)
+        children.requests.inc()
+        if prompt_tokens:
+            children.prompt_tokens.inc(prompt_tokens)
+        if completion_tokens:
+            children.completion_tokens.inc(completion_tokens)
+        if cost_usd:
+            children.cost.inc(cost_usd)
+        children.overhead.observe(overhead_s)
+
+    def cache_result(self, model: str, result: str) -> None:
+        self.cache.labels(model, result).inc()
+
+    def cache_saved(self, model: str, usd: float) -> None:
+        self.saved.labels(model).inc(usd)
+
+    def fallback_used(self, model: str, to: str) -> None:
+        self.fallbacks.labels(model, to).inc()
+
+    def first_token(self, model: str, seconds: float) -> None:
+        self.ttft.labels(model).observe(seconds)
+
+    def retried(self, deployment: str) -> None:
+        self.retries.labels(deployment).inc()
+
+    def upstream_failed(self, deployment: str, kind: str) -> None:
+        self.upstream_errors.labels(deployment, kind).inc()
+
+    def rejected(self, limit: str, kind: str) -> None:
+        self.rejections.labels(limit, kind).inc()
+
     def breaker_changed(self, deployment: str, state: BreakerState) -> None:
         self.breaker.labels(deployment).set(_STATE_VALUE[state])
+
+
+class _Children:
+    """The metric children of one (model, deployment, tenant, status): looked up once."""
+
+    __slots__ = ("completion_tokens", "cost", "overhead", "prompt_tokens", "requests")
+
+    def __init__(self, metrics: LLMMetrics, model: str, dep: str, tenant: str, status: str):
+        self.requests = metrics.requests.labels(model, dep, tenant, status)
+        self.prompt_tokens = metrics.tokens.labels(model, dep, "prompt")
+        self.completion_tokens = metrics.tokens.labels(model, dep, "completion")
+        self.cost = metrics.cost.labels(model, dep, tenant)
+        self.overhead = metrics.overhead.labels(model)

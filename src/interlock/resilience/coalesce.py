@@ -1,43 +1,48 @@
 """Request coalescing: concurrent calls for the same key share one execution.
 
-:class:`SingleFlight` is Go's ``singleflight.Group`` for asyncio. The first caller for a
-key starts ``fn()`` as a task; callers that arrive while it runs wait on that same task
-and all get its value, or all get its exception. Nothing is cached: once the task is
-done its key is free, and the next caller starts a new execution.
+:class:`SingleFlight` is Go's ``singleflight.Group`` for asyncio, shaped for a hot path.
+The first caller for a key (the *leader*) awaits its own ``work`` inline, in its own task
+and context: no task is created, and no future either unless another caller joins. Callers
+that arrive while it runs (*followers*) each wait on a future of their own, and get the
+leader's value, or its exception. Nothing is cached: once the leader is done its key is
+free, and the next caller leads a new execution.
 
-Cancelling one waiter never cancels the shared task: each caller waits on a future of
-its own, which the task's done-callback resolves (what :func:`asyncio.shield` does, minus
-its overhead), so the others still get their answer. When every waiter has been
-cancelled the task runs on to its end: the group keeps a reference to it until then,
-retrieves its outcome, and logs the exception nobody is left to receive.
+Cancellation, the one rule:
 
-The task runs in a copy of the *first* caller's context (contextvars such as the bound
-request id). One event loop per group; no lock is needed.
+- **A cancelled follower** stops waiting; the leader and the other followers go on as if
+  it had never come.
+- **A cancelled leader** does not fail or cancel its followers: the work is handed over.
+  The first follower still waiting awaits its own ``work`` as the new leader, and the
+  others wait on it. With no follower left, the work simply stops (nobody wants it any more).
+
+The same goes for any other :class:`BaseException` that is not an :class:`Exception`
+(``KeyboardInterrupt``): it ends the leader, never its followers. An ordinary exception
+is the answer: the leader raises it and every follower gets the same object.
+
+``do`` returns what *some* caller's ``work`` returned; a caller that must know whether it
+ran the work itself has ``work`` return something of its own (the gateway returns its call's
+``CallInfo`` and compares identities). One event loop per group; no lock is needed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar
+from collections.abc import Coroutine, Hashable
+from typing import Any, Generic, TypeVar
 
 __all__ = ["SingleFlight"]
-
-_log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
-class _Call(Generic[V]):
-    """One shared execution and the futures of the callers waiting on it."""
+class _HandOver:
+    """What followers receive when their leader was cancelled: one of them leads now."""
 
-    __slots__ = ("task", "waiters")
+    __slots__ = ()
 
-    def __init__(self, task: asyncio.Future[V]) -> None:
-        self.task = task
-        self.waiters: list[asyncio.Future[V]] = []
+
+_HAND_OVER = _HandOver()
 
 
 class SingleFlight(Generic[K, V]):
@@ -46,54 +51,76 @@ class SingleFlight(Generic[K, V]):
     Example::
 
         flight: SingleFlight[str, bytes] = SingleFlight()
-        body = await flight.do(url, lambda: fetch(url))
+        body = await flight.do(url, fetch(url))
     """
 
     __slots__ = ("_calls",)
 
     def __init__(self) -> None:
-        self._calls: dict[K, _Call[V]] = {}
+        # key -> the followers' futures; None while nobody has joined (the hot path).
+        self._calls: dict[K, list[asyncio.Future[V | _HandOver]] | None] = {}
 
     @property
     def in_flight(self) -> int:
         """How many keys have an execution running now."""
         return len(self._calls)
 
-    async def do(self, key: K, fn: Callable[[], Awaitable[V]]) -> V:
-        """``fn()``'s value, from the execution already running for ``key`` or a new one.
+    @property
+    def followers(self) -> int:
+        """How many callers wait now on an execution another caller runs (O(keys): for
+        diagnostics and tests, not the hot path)."""
+        return sum(
+            sum(1 for w in waiters if not w.done()) for waiters in self._calls.values() if waiters
+        )
 
-        ``fn`` is called only when no execution for ``key`` is running. Its exception is
-        raised to every waiter. Cancelling this call cancels only this caller's wait.
+    async def do(self, key: K, work: Coroutine[Any, Any, V]) -> V:
+        """``work``'s value, or the value of the execution already running for ``key``.
+
+        ``work`` is an unstarted coroutine (``fetch(url)``, not ``fetch``): passing it,
+        rather than a function and its arguments, costs the leader nothing over awaiting
+        it directly. It is awaited when this call leads (no execution running for ``key``,
+        or the one it waited on was cancelled and this call is the first to take over);
+        otherwise it is closed unstarted.
         """
-        call = self._calls.get(key)
-        if call is None:
-            task = asyncio.ensure_future(fn())
-            call = self._calls[key] = _Call(task)
-            task.add_done_callback(lambda _: self._finish(key, call))
-        # Cancelling this caller cancels only its own future, never the shared task.
-        waiter: asyncio.Future[V] = call.task.get_loop().create_future()
-        call.waiters.append(waiter)
-        return await waiter
-
-    def _finish(self, key: K, call: _Call[V]) -> None:
-        del self._calls[key]
-        task = call.task
-        waiters = [w for w in call.waiters if not w.done()]  # cancelled ones are done
-        if task.cancelled():
-            for w in waiters:
-                w.cancel()
-            return
-        exc = task.exception()  # marks it retrieved: no "never retrieved" noise at GC
-        if exc is None:
-            value = task.result()
-            for w in waiters:
-                w.set_result(value)
-        elif waiters:
-            for w in waiters:
+        calls = self._calls
+        try:
+            while key in calls:
+                waiters = calls[key]
+                if waiters is None:
+                    waiters = calls[key] = []
+                waiter: asyncio.Future[V | _HandOver] = asyncio.get_running_loop().create_future()
+                waiters.append(waiter)
+                # Cancelling this caller cancels only its own future: the leader never sees it.
+                value = await waiter
+                if not isinstance(value, _HandOver):
+                    work.close()
+                    return value
+                # The leader was cancelled: lead if nobody has yet (the loop), else join.
+        except BaseException:
+            work.close()
+            raise
+        calls[key] = None
+        try:
+            value = await work
+        except Exception as exc:
+            for w in _pending(calls.pop(key, None)):
                 w.set_exception(exc)
-        else:
-            _log.warning(
-                "coalesced call for %r failed after all its waiters were cancelled",
-                key,
-                exc_info=exc,
-            )
+                w.exception()  # retrieved even if that follower is cancelled meanwhile
+            raise
+        except BaseException:
+            for w in _pending(calls.pop(key, None)):
+                w.set_result(_HAND_OVER)
+            raise
+        joined = calls.pop(key, None)
+        if joined:
+            for w in _pending(joined):
+                w.set_result(value)
+        return value
+
+
+def _pending(
+    waiters: list[asyncio.Future[V | _HandOver]] | None,
+) -> list[asyncio.Future[V | _HandOver]]:
+    if not waiters:
+        return []
+    return [w for w in waiters if not w.done()]  # a cancelled follower's future is done

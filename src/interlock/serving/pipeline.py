@@ -5,7 +5,9 @@ One call answers one request, over HTTP or from the bus:
 1. **Route.** A bare model name follows its traffic policy (weights, sticky route key,
    canary); ``name@alias`` and pinned versions go where they say.
 2. **Cache.** Each row is looked up by version + its canonical bytes; only the rows that
-   miss go to the model, and identical concurrent misses share one prediction.
+   miss go to the model, and identical concurrent misses share one prediction
+   (:class:`~interlock.resilience.coalesce.SingleFlight`: a cancelled request never
+   fails the others waiting on its prediction).
 3. **Breaker.** A version whose breaker is open is not called.
 4. **Batcher.** The rows queue for the version's workers under the request's deadline;
    a full queue sheds the request with a 429.
@@ -37,6 +39,7 @@ from interlock.errors import (
     UnavailableError,
 )
 from interlock.resilience.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from interlock.resilience.coalesce import SingleFlight
 from interlock.serving.decode import Decoder
 from interlock.serving.models import LoadedModel, ModelManager
 from interlock.serving.router import TrafficRouter
@@ -94,7 +97,7 @@ class Pipeline:
         self._cache = cache
         self._inline_writes = isinstance(cache, MemoryCache)
         self._ttl = cache_ttl_s
-        self._flights: dict[bytes, asyncio.Future[list[Any]] | None] = {}
+        self._flight: SingleFlight[bytes, list[Any]] = SingleFlight()
         self._writes: set[asyncio.Task[None]] = set()
         self._pending: list[tuple[bytes, bytes]] = []
 
@@ -156,6 +159,10 @@ class Pipeline:
     def breakers(self) -> dict[tuple[str, int], CircuitBreaker]:
         return dict(self._breakers)
 
+    def coalescing(self) -> int:
+        """How many requests wait now on an identical prediction already running."""
+        return self._flight.followers
+
     async def aclose(self) -> None:
         await asyncio.gather(*list(self._writes), return_exceptions=True)
 
@@ -178,8 +185,9 @@ class Pipeline:
         else:
             sub = [batch[i] for i in missing] if loaded.decoder.takes_rows else batch[missing]
             sub_rows = len(missing)
-        fresh = await self._coalesced(
-            b"\x00".join(keys[i] for i in missing), loaded, sub, sub_rows, deadline
+        # Identical concurrent misses share one prediction (a cancelled leader hands it over).
+        fresh = await self._flight.do(
+            b"\x00".join(keys[i] for i in missing), self._call(loaded, sub, sub_rows, deadline)
         )
         items = [(keys[i], orjson.dumps(v)) for i, v in zip(missing, fresh, strict=True)]
         if self._inline_writes:
@@ -192,41 +200,6 @@ class Pipeline:
         for i, value in zip(missing, fresh, strict=True):
             out[i] = value
         return out, "partial"
-
-    async def _coalesced(
-        self, key: bytes, loaded: LoadedModel, batch: Any, rows: int, deadline: float
-    ) -> list[Any]:
-        """Identical concurrent misses share one prediction.
-
-        The first request predicts inline (no task, and no future unless someone joins:
-        this is the hot path); a request with the same rows arriving meanwhile waits on a
-        future the leader fills in. The HTTP layer never cancels a request mid-way, so a
-        follower does not inherit a leader's cancellation in practice.
-        """
-        flights = self._flights
-        if key in flights:
-            waiter = flights[key]
-            if waiter is None:
-                waiter = flights[key] = asyncio.get_running_loop().create_future()
-            return await asyncio.shield(waiter)
-        flights[key] = None
-        try:
-            values = await self._call(loaded, batch, rows, deadline)
-        except asyncio.CancelledError:
-            waiter = flights.pop(key, None)
-            if waiter is not None:
-                waiter.cancel()
-            raise
-        except Exception as exc:
-            waiter = flights.pop(key, None)
-            if waiter is not None:
-                waiter.set_exception(exc)
-                waiter.exception()  # retrieved, whether or not a follower is still there
-            raise
-        waiter = flights.pop(key, None)
-        if waiter is not None:
-            waiter.set_result(values)
-        return values
 
     async def _call(self, loaded: LoadedModel, batch: Any, rows: int, deadline: float) -> list[Any]:
         breaker = loaded.breaker
