@@ -13,7 +13,7 @@ from rich.table import Table
 
 from interlock._core.schema import FeatureSchema
 from interlock.app import open_registry
-from interlock.cli._context import settings_from
+from interlock.cli._context import ConfigOption, settings_from
 from interlock.errors import ConfigError
 from interlock.registry import describe_model, describe_version
 from interlock.runtime.base import ModelFormat
@@ -59,9 +59,10 @@ def register(
     trust: Annotated[
         bool, typer.Option("--trust", help="Allow a pickle: it can run arbitrary code.")
     ] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Register a new version of NAME and print its version number."""
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, config)
 
     async def run() -> Any:
         async with open_registry(settings) as registry:
@@ -84,9 +85,10 @@ def register(
 def list_models(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
 ) -> None:
     """List the registered models with their versions and aliases."""
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, config)
 
     async def run() -> list[Any]:
         async with open_registry(settings) as registry:
@@ -108,9 +110,10 @@ def show(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Model name.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Show a model's versions: format, sha256, metrics, schema, aliases."""
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, config)
 
     async def run() -> tuple[Any, list[Any]]:
         async with open_registry(settings) as registry:
@@ -145,9 +148,10 @@ def alias(
     name: Annotated[str, typer.Argument(help="Model name.")],
     alias_name: Annotated[str, typer.Argument(metavar="ALIAS", help="e.g. champion.")],
     version: Annotated[int, typer.Argument(help="The version the alias points at.", min=1)],
+    config: ConfigOption = None,
 ) -> None:
     """Point ALIAS of NAME at VERSION; running servers follow within a second."""
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, config)
 
     async def run() -> None:
         async with open_registry(settings) as registry:
