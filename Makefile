@@ -44,9 +44,11 @@ $(VENV)/.installed-semantic: $(VENV)/.installed-dev
 test-semantic: $(VENV)/.installed-semantic services
 	$(BIN)/python -m pytest -m semantic
 
+## Format, lint rules and the import contracts of pyproject.toml (the layers).
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
@@ -67,7 +69,7 @@ soak: $(VENV)/.installed-dev
 	$(BIN)/python bench/soak.py --json bench/results/soak.json
 
 clean:
-	rm -rf $(VENV) .interlock .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .interlock .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
 
 ## Re-pin constraints.txt to what the dev environment has now.
 lock: $(VENV)/.installed-dev

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from interlock.errors import ConfigError
-from interlock.settings import load_settings, mask_url
+from interlock.settings import LLMDeployment, LLMSettings, LLMTenant, load_settings, mask_url
 
 
 @pytest.fixture(autouse=True)
@@ -100,3 +100,52 @@ def test_settings_are_frozen() -> None:
 def test_mask_url_leaves_passwordless_urls_alone() -> None:
     assert mask_url("sqlite:///x.db") == "sqlite:///x.db"
     assert mask_url("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
+
+
+def test_interlock_bus_url_is_bus_url_for_every_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Argument over INTERLOCK_BUS_URL over INTERLOCK_BUS__URL over the file."""
+    config = tmp_path / "bus.toml"
+    config.write_text("[bus]\nurl = 'nats://file:4222'\ngroup = 'from-file'\n")
+    assert load_settings(config).bus.url == "nats://file:4222"
+    monkeypatch.setenv("INTERLOCK_BUS__URL", "kafka://nested:9092")
+    assert load_settings(config).bus.url == "kafka://nested:9092"
+    monkeypatch.setenv("INTERLOCK_BUS_URL", "redis://short:6379/0")
+    settings = load_settings(config)
+    assert (settings.bus.url, settings.bus.group) == ("redis://short:6379/0", "from-file")
+    assert load_settings(config, bus={"url": "memory://"}).bus.url == "memory://"
+
+
+def test_llm_keys_come_from_the_variables_the_settings_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", " sk-upstream\n")
+    monkeypatch.setenv("TEST_TENANT_KEY", "tenant-key")
+    llm = LLMSettings(
+        deployments=[
+            LLMDeployment(
+                name="d1", base_url="http://u/v1", model="m", api_key_env="TEST_UPSTREAM_KEY"
+            ),
+            LLMDeployment(name="d2", base_url="http://u/v1", model="m"),
+        ],
+        tenants=[LLMTenant(name="dash", key_env="TEST_TENANT_KEY")],
+    )
+    key = llm.deployments[0].api_key()
+    assert key is not None and key.get_secret_value() == "sk-upstream"
+    assert "sk-upstream" not in repr(key)
+    assert llm.deployments[1].api_key() is None
+    assert llm.tenants[0].key().get_secret_value() == "tenant-key"
+
+
+def test_a_missing_llm_key_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TEST_NO_KEY", raising=False)
+    monkeypatch.setenv("TEST_EMPTY_KEY", "  ")
+    for variable in ("TEST_NO_KEY", "TEST_EMPTY_KEY"):
+        deployment = LLMDeployment(
+            name="d1", base_url="http://127.0.0.1:1/v1", model="m", api_key_env=variable
+        )
+        with pytest.raises(ConfigError, match=f"'d1' reads its key from \\${variable}"):
+            deployment.api_key()
+    with pytest.raises(ConfigError, match="tenant 'dash': the variable TEST_NO_KEY"):
+        LLMTenant(name="dash", key_env="TEST_NO_KEY").key()

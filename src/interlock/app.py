@@ -29,12 +29,13 @@ from interlock.api.openapi import install_openapi
 from interlock.api.predict import ASGIApp, PredictionApp
 from interlock.api.request_ids import RequestIds
 from interlock.api.traffic import build_traffic_router
-from interlock.bus import bus_options, open_bus
+from interlock.bus import EventBus, bus_options, open_bus
 from interlock.cache import Cache, open_cache
 from interlock.errors import InterlockError
 from interlock.llm.factory import open_gateway
 from interlock.llm.gateway import Gateway
 from interlock.llm.usage import usage_summary
+from interlock.monitoring.events import WorkerMetrics
 from interlock.monitoring.llm import LLMMetrics
 from interlock.monitoring.metrics import ServingMetrics
 from interlock.registry import Registry
@@ -42,12 +43,14 @@ from interlock.resilience.breaker import BreakerConfig
 from interlock.resilience.supervisor import Supervisor
 from interlock.runtime.loaders import inspect_artifact
 from interlock.serving.announce import Announcer
-from interlock.serving.loadcheck import ManagerLoader
+from interlock.serving.dedupe import Dedupe, open_dedupe
+from interlock.serving.loadcheck import ArtifactLoader, ManagerLoader
 from interlock.serving.models import ModelManager
 from interlock.serving.pipeline import Pipeline
 from interlock.serving.policies import PolicyStore
 from interlock.serving.router import RouterObserver, TrafficRouter
 from interlock.serving.shadow import ShadowRunner
+from interlock.serving.worker import PredictionWorker
 from interlock.settings import Settings
 from interlock.store.artifacts import ArtifactStore
 from interlock.store.db import Database
@@ -55,9 +58,15 @@ from interlock.store.redis import observe as observe_redis
 
 __all__ = [
     "Components",
+    "WorkerProcess",
     "build_components",
+    "build_worker",
+    "close_worker",
     "create_app",
+    "open_database",
+    "open_event_bus",
     "open_registry",
+    "open_traffic_admin",
     "start_components",
     "stop_components",
 ]
@@ -132,7 +141,7 @@ def build_components(settings: Settings) -> Components:
     announcer = None
     observer: RouterObserver = metrics
     if not settings.bus.url.startswith("memory:"):
-        bus = open_bus(settings.bus.url, **bus_options(settings.bus))
+        bus = open_event_bus(settings)
         announcer = Announcer(bus, completed_topic=settings.bus.completed_topic)
         observer = _Observers(metrics, announcer)
     router = TrafficRouter(
@@ -332,3 +341,75 @@ def create_app(settings: Settings, components: Components | None = None) -> ASGI
             else None
         ),
     )
+
+
+# -- one-off and worker processes (the CLI) ---------------------------------------------
+
+
+def open_event_bus(settings: Settings) -> EventBus:
+    """The bus of ``settings.bus.url``, with its options; it connects on first use."""
+    return open_bus(settings.bus.url, **bus_options(settings.bus))
+
+
+@contextlib.asynccontextmanager
+async def open_database(settings: Settings) -> AsyncIterator[Database]:
+    """The migrated metadata database for one-off work (the CLI), closed on exit."""
+    database = Database(settings.effective_database_url)
+    try:
+        await asyncio.to_thread(database.migrate)
+        yield database
+    finally:
+        await database.aclose()
+
+
+@contextlib.asynccontextmanager
+async def open_traffic_admin(settings: Settings) -> AsyncIterator[PolicyStore]:
+    """A policy store for ``interlock traffic``: it loads versions in this process.
+
+    ``set`` and ``canary`` warm each version they send requests to with an
+    :class:`ArtifactLoader` before the change is written (no model manager runs here).
+    """
+    database, artifacts, registry = _registry(settings)
+    try:
+        await asyncio.to_thread(database.migrate)
+        loader = ArtifactLoader(registry, artifacts)
+        yield PolicyStore(database, registry, SystemClock(), loader=loader)
+    finally:
+        await database.aclose()
+
+
+@dataclass(slots=True)
+class WorkerProcess:
+    """What ``interlock worker`` runs: the serving components and the bus consumer."""
+
+    components: Components
+    bus: EventBus
+    dedupe: Dedupe
+    metrics: WorkerMetrics
+    worker: PredictionWorker
+
+
+def build_worker(settings: Settings, *, consumer: str) -> WorkerProcess:
+    """The event worker of ``settings.bus`` as ``consumer``; nothing connects yet.
+
+    The idempotency records go to ``bus.dedupe_url``, else the bus's Redis when the bus
+    is Redis, else the metadata database.
+    """
+    parts = build_components(settings)
+    bus = open_event_bus(settings)
+    dedupe_url = settings.bus.dedupe_url
+    if dedupe_url is None and settings.bus.url.split(":", 1)[0] in ("redis", "rediss", "unix"):
+        dedupe_url = settings.bus.url
+    dedupe = open_dedupe(dedupe_url, settings.bus.dedupe_ttl_s, database=parts.database)
+    metrics = WorkerMetrics(parts.metrics.registry)
+    worker = PredictionWorker(
+        bus, parts.pipeline, dedupe, settings.bus, consumer=consumer, observer=metrics
+    )
+    return WorkerProcess(parts, bus, dedupe, metrics, worker)
+
+
+async def close_worker(process: WorkerProcess) -> None:
+    """Release the bus, the idempotency store and the components (started or not)."""
+    await process.bus.aclose()
+    await process.dedupe.aclose()
+    await stop_components(process.components)

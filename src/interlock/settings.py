@@ -41,9 +41,14 @@ environment.
 | auth.allow_code_uploads | INTERLOCK_AUTH__ALLOW_CODE_UPLOADS | bool | ``false`` (refused) |
 | log.level | INTERLOCK_LOG__LEVEL | str | ``info`` |
 | log.json_lines | INTERLOCK_LOG__JSON_LINES | bool | JSON when stderr is not a TTY |
+| bus.url | INTERLOCK_BUS_URL (over INTERLOCK_BUS__URL) | URL | ``memory://`` |
+| llm.deployments[].api_key_env | the variable it names | secret | none: no key sent |
+| llm.tenants[].key_env | the variable it names | secret | required per tenant |
 
 The config file is ``--config PATH``, else ``INTERLOCK_CONFIG``, else ``./interlock.toml``
-when it exists.
+when it exists. The keys of LLM deployments and tenants stay in the variables the settings
+name; :meth:`LLMDeployment.api_key` and :meth:`LLMTenant.key` read them, when the
+gateway is built.
 """
 
 from __future__ import annotations
@@ -248,6 +253,22 @@ class LLMDeployment(BaseModel):
     max_connections: int = Field(256, ge=1, description="open connections to the upstream")
     api_version: str | None = Field(None, description="anthropic-version, when it matters")
 
+    def api_key(self) -> SecretStr | None:
+        """The key in the variable ``api_key_env`` names (stripped); None without one.
+
+        Raises:
+            ConfigError: ``api_key_env`` names a variable that is unset or empty.
+        """
+        if not self.api_key_env:
+            return None
+        key = os.environ.get(self.api_key_env, "").strip()
+        if not key:
+            raise ConfigError(
+                f"LLM deployment {self.name!r} reads its key from "
+                f"${self.api_key_env}, which is not set"
+            )
+        return SecretStr(key)
+
 
 class LLMModel(BaseModel):
     """A model name clients ask for, served by one or more deployments."""
@@ -273,6 +294,19 @@ class LLMTenant(BaseModel):
     tpm: int | None = Field(None, gt=0)
     budget_usd_per_day: float | None = Field(None, ge=0)
     budget_usd_per_month: float | None = Field(None, ge=0)
+
+    def key(self) -> SecretStr:
+        """The tenant's key, from the variable ``key_env`` names.
+
+        Raises:
+            ConfigError: the variable is unset or empty.
+        """
+        key = os.environ.get(self.key_env)
+        if not key:
+            raise ConfigError(
+                f"tenant {self.name!r}: the variable {self.key_env} holding its key is not set"
+            )
+        return SecretStr(key)
 
 
 class LLMCacheSettings(BaseModel):
@@ -429,6 +463,17 @@ def _config_path(explicit: Path | None) -> Path | None:
     return default if default.is_file() else None
 
 
+class _BusUrlSource(PydanticBaseSettingsSource):
+    """``INTERLOCK_BUS_URL``: the short name of ``bus.url``, over ``INTERLOCK_BUS__URL``."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        url = os.environ.get("INTERLOCK_BUS_URL")
+        return {"bus": {"url": url}} if url else {}
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings tree: ``overrides`` > environment > config file > defaults.
 
@@ -448,7 +493,11 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            sources: list[PydanticBaseSettingsSource] = [
+                init_settings,
+                _BusUrlSource(settings_cls),
+                env_settings,
+            ]
             if path is not None:
                 sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
             return tuple(sources)

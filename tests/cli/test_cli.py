@@ -178,3 +178,53 @@ def test_a_broken_config_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: invalid setting server.port")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# Every command that reads the settings, with the arguments it needs to get that far.
+_SETTINGS_COMMANDS = [
+    ("config", "show"),
+    ("models", "register", "calc", "PLACEHOLDER", "--format", "python"),
+    ("models", "list"),
+    ("models", "show", "calc"),
+    ("models", "alias", "calc", "champion", "1"),
+    ("traffic", "set", "calc", "1=100"),
+    ("traffic", "canary", "calc", "2", "--max-error-rate", "0.1"),
+    ("traffic", "show", "calc"),
+    ("traffic", "clear", "calc"),
+    ("llm", "usage"),
+    ("events", "publish", "t", "{}"),
+    ("events", "tail", "t"),
+    ("worker",),
+    ("serve",),
+    ("demo", "--no-serve"),
+]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize("command", _SETTINGS_COMMANDS, ids=" ".join)
+def test_config_is_read_before_or_after_the_command(
+    tmp_path: Path, command: tuple[str, ...], where: str
+) -> None:
+    """``interlock serve --config x.toml`` is what people type; it reads x.toml."""
+    model = write_python_model(tmp_path / "m")
+    config = tmp_path / "x.toml"
+    config.write_text("[server]\nport = 'eighty'\n")  # read: every command stops here
+    args = [str(model) if a == "PLACEHOLDER" else a for a in command]
+    flag = ["--config", str(config)]
+    result = run(tmp_path / "home", *(flag + args if where == "before" else args + flag))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: invalid setting server.port: Input should be a valid integer, unable to parse "
+        "string as an integer"
+    ]
+
+
+def test_the_config_after_the_command_wins(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.toml", tmp_path / "second.toml"
+    first.write_text("[server]\nport = 7001\n")
+    second.write_text("[server]\nport = 7002\n")
+    result = run(
+        tmp_path / "home", "--config", str(first), "config", "show", "--config", str(second)
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["server"]["port"] == 7002

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
-__all__ = ["ModelFormat", "Task"]
+from interlock._core.schema import FeatureSchema
+
+__all__ = ["Inspection", "ModelFormat", "Task"]
 
 
 class ModelFormat(StrEnum):
@@ -20,3 +24,12 @@ class Task(StrEnum):
     MULTICLASS = "multiclass"
     REGRESSION = "regression"
     UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    """What registration learns from an artifact (the runtime's loaders make it)."""
+
+    schema: FeatureSchema | None
+    task: Task = Task.UNKNOWN
+    details: dict[str, Any] = field(default_factory=dict)

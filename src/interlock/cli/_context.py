@@ -1,17 +1,24 @@
-"""What every subcommand shares: the config file chosen on the root command."""
+"""What every subcommand shares: the config file, given before or after the command.
+
+``interlock --config x.toml serve`` and ``interlock serve --config x.toml`` are the same;
+given in both places, the one after the command wins.
+"""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from interlock.settings import Settings, load_settings
 
-__all__ = ["CliState", "settings_from", "share_the_gil"]
+__all__ = ["CONFIG_HELP", "CliState", "ConfigOption", "settings_from", "share_the_gil"]
+
+CONFIG_HELP = "interlock.toml to read (else INTERLOCK_CONFIG, else ./interlock.toml)."
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help=CONFIG_HELP)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,10 +26,14 @@ class CliState:
     config: Path | None = None
 
 
-def settings_from(ctx: typer.Context, **overrides: Any) -> Settings:
-    """The settings tree: CLI options over environment over config file over defaults."""
-    state = ctx.find_root().obj
-    config = state.config if isinstance(state, CliState) else None
+def settings_from(ctx: typer.Context, config: Path | None = None, **overrides: Any) -> Settings:
+    """The settings tree: CLI options over environment over config file over defaults.
+
+    ``config`` is the command's own ``--config``; without it, the root command's.
+    """
+    if config is None:
+        state = ctx.find_root().obj
+        config = state.config if isinstance(state, CliState) else None
     return load_settings(config, **overrides)
 
 

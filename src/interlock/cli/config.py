@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from interlock.cli._context import settings_from
+from interlock.cli._context import ConfigOption, settings_from
 
 __all__ = ["app", "show"]
 
@@ -14,6 +14,6 @@ app = typer.Typer(help="Inspect the settings.", no_args_is_help=True)
 
 
 @app.command("show")
-def show(ctx: typer.Context) -> None:
+def show(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Print the effective settings as JSON, with every secret masked."""
-    typer.echo(json.dumps(settings_from(ctx).masked(), indent=2))
+    typer.echo(json.dumps(settings_from(ctx, config).masked(), indent=2))

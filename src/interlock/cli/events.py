@@ -1,7 +1,7 @@
 """``interlock worker`` and ``interlock events publish|tail``.
 
-The bus URL comes from ``--bus``, else ``INTERLOCK_BUS_URL``, else ``bus.url`` in the
-settings (``INTERLOCK_BUS__URL``, ``interlock.toml``).
+The bus URL comes from ``--bus``, else ``bus.url`` in the settings (``INTERLOCK_BUS_URL``,
+``INTERLOCK_BUS__URL``, ``interlock.toml``).
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
 
 from interlock._core.logs import configure_logging
-from interlock.bus import EventBus, Message, bus_options
+from interlock.bus import EventBus, Message
 from interlock.bus.retry import describe
-from interlock.cli._context import settings_from, share_the_gil
+from interlock.cli._context import ConfigOption, settings_from, share_the_gil
 from interlock.errors import BusError, ConfigError, InterlockError
 from interlock.settings import Settings
 
@@ -43,12 +44,13 @@ BusOption = Annotated[
 ]
 
 
-def _settings(ctx: typer.Context, bus: str | None, **bus_fields: Any) -> Settings:
-    url = bus or os.environ.get("INTERLOCK_BUS_URL")
+def _settings(
+    ctx: typer.Context, config: Path | None, bus: str | None, **bus_fields: Any
+) -> Settings:
     fields = {k: v for k, v in bus_fields.items() if v is not None}
-    if url:
-        fields["url"] = url
-    return settings_from(ctx, bus=fields) if fields else settings_from(ctx)
+    if bus:
+        fields["url"] = bus
+    return settings_from(ctx, config, bus=fields) if fields else settings_from(ctx, config)
 
 
 def worker(
@@ -64,9 +66,10 @@ def worker(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on this port (lag for KEDA).")
     ] = None,
+    config: ConfigOption = None,
 ) -> None:
     """Answer prediction requests from the bus until SIGTERM (then drain and leave)."""
-    settings = _settings(ctx, bus, concurrency=concurrency, group=group)
+    settings = _settings(ctx, config, bus, concurrency=concurrency, group=group)
     if settings.bus.url.startswith("memory:"):
         raise ConfigError(
             "the worker needs a shared bus: pass --bus redis://…, kafka://… or nats://… "
@@ -83,19 +86,9 @@ def worker(
 
 
 async def _run_worker(settings: Settings, consumer: str, metrics_port: int | None) -> None:
-    from interlock.app import build_components, start_components, stop_components
-    from interlock.bus import open_bus
-    from interlock.monitoring.events import WorkerMetrics
-    from interlock.serving.dedupe import open_dedupe
-    from interlock.serving.worker import PredictionWorker
+    from interlock.app import build_worker, close_worker, start_components
 
-    parts = build_components(settings)
-    bus = open_bus(settings.bus.url, **bus_options(settings.bus))
-    dedupe_url = settings.bus.dedupe_url
-    if dedupe_url is None and settings.bus.url.split(":", 1)[0] in ("redis", "rediss", "unix"):
-        dedupe_url = settings.bus.url
-    dedupe = open_dedupe(dedupe_url, settings.bus.dedupe_ttl_s, database=parts.database)
-    metrics = WorkerMetrics(parts.metrics.registry)
+    process = build_worker(settings, consumer=consumer)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -103,8 +96,10 @@ async def _run_worker(settings: Settings, consumer: str, metrics_port: int | Non
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, addr=settings.server.host, registry=metrics.registry)
-    await start_components(parts)
+        start_http_server(
+            metrics_port, addr=settings.server.host, registry=process.metrics.registry
+        )
+    await start_components(process.components)
     # Everything loaded so far lives as long as the process: keep it out of the
     # collector's full passes, which otherwise stalled the loop for 150-200 ms.
     gc.collect()
@@ -113,13 +108,9 @@ async def _run_worker(settings: Settings, consumer: str, metrics_port: int | Non
     try:
         # Not ``async with bus``: that connects at once, and a broker down at start is
         # for the worker to wait out (it joins with backoff), not a reason to exit.
-        await PredictionWorker(
-            bus, parts.pipeline, dedupe, settings.bus, consumer=consumer, metrics=metrics
-        ).run(stop)
+        await process.worker.run(stop)
     finally:
-        await bus.aclose()
-        await dedupe.aclose()
-        await stop_components(parts)
+        await close_worker(process)
 
 
 TimeoutOption = Annotated[
@@ -142,9 +133,10 @@ def publish(
     key: Annotated[str | None, typer.Option(help="The message key.")] = None,
     bus: BusOption = None,
     timeout_s: TimeoutOption = DEFAULT_TIMEOUT_S,
+    config: ConfigOption = None,
 ) -> None:
     """Publish one JSON message (or one per line of stdin with '-')."""
-    settings = _settings(ctx, bus)
+    settings = _settings(ctx, config, bus)
     lines = sys.stdin.read().splitlines() if payload == "-" else [payload]
     values: list[bytes] = []
     for number, line in enumerate(lines, start=1):
@@ -163,9 +155,9 @@ def publish(
 async def _publish(
     settings: Settings, topic: str, key: str | None, values: list[bytes], timeout_s: float
 ) -> None:
-    from interlock.bus import open_bus
+    from interlock.app import open_event_bus
 
-    bus = open_bus(settings.bus.url, **bus_options(settings.bus))
+    bus = open_event_bus(settings)
     items = [(key.encode() if key else None, v) for v in values]
     try:
         await _retrying(lambda: bus.publish_many(topic, items), timeout_s, f"publish to {topic}")
@@ -205,9 +197,10 @@ def tail(
         ),
     ] = None,
     timeout_s: TimeoutOption = DEFAULT_TIMEOUT_S,
+    config: ConfigOption = None,
 ) -> None:
     """Print a topic's newest messages, one JSON per line; nothing is left on the bus."""
-    settings = _settings(ctx, bus)
+    settings = _settings(ctx, config, bus)
     _quiet_logs()
     if group is not None:
         asyncio.run(_consume(settings, topic, group, count, timeout, timeout_s))
@@ -228,9 +221,9 @@ async def _tail(
     timeout_s: float,
 ) -> None:
     """The newest ``last`` messages, then (``follow``) the new ones; no group is made."""
-    from interlock.bus import open_bus
+    from interlock.app import open_event_bus
 
-    bus = open_bus(settings.bus.url, **bus_options(settings.bus))
+    bus = open_event_bus(settings)
     try:
         reader = await _retrying(lambda: bus.tail(topic, last=last), timeout_s, f"read {topic}")
         try:
@@ -262,11 +255,11 @@ async def _consume(
     timeout_s: float,
 ) -> None:
     """Read as a member of ``group``, acknowledging what is printed."""
-    from interlock.bus import open_bus
+    from interlock.app import open_event_bus
 
     seen = 0
     idle = 0.0
-    bus = open_bus(settings.bus.url, **bus_options(settings.bus))
+    bus = open_event_bus(settings)
     try:
         sub = await _retrying(
             lambda: bus.subscribe(topic, group=group, consumer="tail"), timeout_s, f"join {group}"

@@ -20,9 +20,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from interlock._core.clock import SystemClock
-from interlock.cli._context import settings_from
+from interlock.cli._context import ConfigOption, settings_from
 from interlock.llm.usage import OPEN_TENANT, parse_time, usage_summary
-from interlock.store.db import Database
+from interlock.settings import Settings
 
 __all__ = ["app", "usage"]
 
@@ -46,13 +46,11 @@ def _when(option: str, text: str | None, now: datetime) -> datetime | None:
         raise typer.BadParameter(str(exc), param_hint=f"'{option}'") from None
 
 
-async def _summary(url: str, **filters: Any) -> dict[str, Any]:
-    database = Database(url)
-    try:
-        await asyncio.to_thread(database.migrate)
+async def _summary(settings: Settings, **filters: Any) -> dict[str, Any]:
+    from interlock.app import open_database
+
+    async with open_database(settings) as database:
         return await usage_summary(database, **filters)
-    finally:
-        await database.aclose()
 
 
 def _money(value: float) -> str:
@@ -106,16 +104,13 @@ def usage(
     ] = None,
     model: Annotated[str | None, typer.Option(help="Only this model name.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Tokens, cost and cache savings of LLM calls: totals and per tenant, model, deployment."""
     now = SystemClock().now()
     start, end = _when("--since", since, now), _when("--until", until, now)
-    settings = settings_from(ctx)
-    summary = asyncio.run(
-        _summary(
-            settings.effective_database_url, since=start, until=end, tenant=tenant, model=model
-        )
-    )
+    settings = settings_from(ctx, config)
+    summary = asyncio.run(_summary(settings, since=start, until=end, tenant=tenant, model=model))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

@@ -8,7 +8,6 @@ exit non-zero.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,7 +19,7 @@ from interlock.cli import llm as llm_cmd
 from interlock.cli import models as models_cmd
 from interlock.cli import serve as serve_cmd
 from interlock.cli import traffic as traffic_cmd
-from interlock.cli._context import CliState
+from interlock.cli._context import CliState, ConfigOption
 from interlock.errors import InterlockError
 
 __all__ = ["app", "main"]
@@ -51,10 +50,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     ctx: typer.Context,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="interlock.toml to read (else INTERLOCK_CONFIG)."),
-    ] = None,
+    config: ConfigOption = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,

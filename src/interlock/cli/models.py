@@ -15,7 +15,7 @@ from rich.table import Table
 
 from interlock._core.schema import FeatureSchema
 from interlock.app import open_registry
-from interlock.cli._context import settings_from
+from interlock.cli._context import ConfigOption, settings_from
 from interlock.errors import ConfigError
 from interlock.registry import ModelVersion, Progress, describe_model, describe_version
 from interlock.runtime.base import ModelFormat
@@ -98,13 +98,14 @@ def register(
             "--allow-duplicate", help="Register bytes a version of NAME already has, again."
         ),
     ] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Register a new version of NAME and print its version number.
 
     The artifact is loaded and checked against its schema before the version exists;
     steps go to stderr, the version number to stdout.
     """
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, config)
     parsed_schema = _schema(schema)
     parsed_metrics = _read_json("metrics", metrics)
     parsed_tags = _read_json("tags", tags)
@@ -134,9 +135,10 @@ def register(
 def list_models(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
 ) -> None:
     """List the registered models with their versions and aliases."""
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, config)
 
     async def run() -> list[Any]:
         async with open_registry(settings) as registry:
@@ -158,9 +160,10 @@ def show(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Model name.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Show a model's versions (format, sha256, metrics, aliases) and their schemas."""
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, config)
 
     async def run() -> tuple[Any, list[Any]]:
         async with open_registry(settings) as registry:
@@ -225,9 +228,10 @@ def alias(
     name: Annotated[str, typer.Argument(help="Model name.")],
     alias_name: Annotated[str, typer.Argument(metavar="ALIAS", help="e.g. champion.")],
     version: Annotated[int, typer.Argument(help="The version the alias points at.", min=1)],
+    config: ConfigOption = None,
 ) -> None:
     """Point ALIAS of NAME at VERSION; running servers follow within a second."""
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, config)
 
     async def run() -> None:
         async with open_registry(settings) as registry:

@@ -13,7 +13,7 @@ import uvicorn
 
 from interlock._core.logs import configure_logging
 from interlock.app import create_app, open_registry
-from interlock.cli._context import settings_from, share_the_gil
+from interlock.cli._context import ConfigOption, settings_from, share_the_gil
 from interlock.errors import ModelNotFoundError
 from interlock.settings import Settings
 
@@ -61,9 +61,14 @@ def _say_who_may_administer(settings: Settings) -> None:
     )
 
 
-def serve(ctx: typer.Context, host: HostOption = None, port: PortOption = None) -> None:
+def serve(
+    ctx: typer.Context,
+    host: HostOption = None,
+    port: PortOption = None,
+    config: ConfigOption = None,
+) -> None:
     """Serve every registered model over HTTP (KServe V1, Open Inference Protocol V2)."""
-    run_server(settings_from(ctx, **_server_overrides(host, port)))
+    run_server(settings_from(ctx, config, **_server_overrides(host, port)))
 
 
 async def _ensure_demo_model(settings: Settings) -> list[dict[str, Any]]:
@@ -104,9 +109,10 @@ def demo(
     serve_after: Annotated[
         bool, typer.Option("--serve/--no-serve", help="Serve after preparing the model.")
     ] = True,
+    config: ConfigOption = None,
 ) -> None:
     """Build the demo fraud model on first run, then serve it."""
-    settings = settings_from(ctx, **_server_overrides(host, port))
+    settings = settings_from(ctx, config, **_server_overrides(host, port))
     sample = asyncio.run(_ensure_demo_model(settings))
     url = f"http://{settings.server.host}:{settings.server.port}/v1/models/fraud:predict"
     body = json.dumps({"instances": sample[:1]})

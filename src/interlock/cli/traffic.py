@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -20,18 +21,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from interlock._core.clock import SystemClock
-from interlock.cli._context import settings_from
+from interlock.cli._context import ConfigOption, settings_from
 from interlock.errors import TrafficError
-from interlock.registry import Registry
-from interlock.runtime.loaders import inspect_artifact
-from interlock.serving.loadcheck import ArtifactLoader
 from interlock.serving.nodes import LIVE_S
 from interlock.serving.policies import KEEP, Keep, PolicyStore
 from interlock.serving.traffic import Fallback, TrafficPolicy
 from interlock.settings import Settings
-from interlock.store.artifacts import ArtifactStore
-from interlock.store.db import Database
 
 __all__ = ["app", "canary", "clear", "open_policies", "parse_duration", "set_weights", "show"]
 
@@ -43,22 +38,15 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-@contextlib.asynccontextmanager
-async def open_policies(settings: Settings) -> AsyncIterator[PolicyStore]:
+def open_policies(settings: Settings) -> contextlib.AbstractAsyncContextManager[PolicyStore]:
     """A migrated policy store for one-off work, closed on exit (as ``open_registry``)."""
-    database = Database(settings.effective_database_url)
-    try:
-        await asyncio.to_thread(database.migrate)
-        artifacts = ArtifactStore(settings.effective_artifacts_dir)
-        registry = Registry(database, artifacts, inspect_artifact, SystemClock())
-        loader = ArtifactLoader(registry, artifacts)
-        yield PolicyStore(database, registry, SystemClock(), loader=loader)
-    finally:
-        await database.aclose()
+    from interlock.app import open_traffic_admin
+
+    return open_traffic_admin(settings)
 
 
-def _run(ctx: typer.Context, work: Callable[[PolicyStore], Awaitable[T]]) -> T:
-    settings = settings_from(ctx)
+def _run(ctx: typer.Context, config: Path | None, work: Callable[[PolicyStore], Awaitable[T]]) -> T:
+    settings = settings_from(ctx, config)
 
     async def main() -> T:
         async with open_policies(settings) as store:
@@ -115,6 +103,7 @@ def set_weights(
     no_fallback: Annotated[
         bool, typer.Option("--no-fallback", help="Remove the static fallback the policy has.")
     ] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Split NAME's traffic by weight; cancels a running canary.
 
@@ -134,7 +123,9 @@ def set_weights(
             fallback = Fallback(json.loads(fallback_static))
         except json.JSONDecodeError as exc:
             raise TrafficError(f"--fallback-static is not valid JSON: {exc}") from None
-    policy = _run(ctx, lambda s: s.set_weights(name, parsed, shadow=copies, fallback=fallback))
+    policy = _run(
+        ctx, config, lambda s: s.set_weights(name, parsed, shadow=copies, fallback=fallback)
+    )
     typer.echo(_summary(policy))
 
 
@@ -163,6 +154,7 @@ def canary(
         bool,
         typer.Option("--unguarded", help="Allow no guard: the canary promotes on time alone."),
     ] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Roll VERSION out in steps, guarded by error rate and p99; rolls back on a breach.
 
@@ -183,6 +175,7 @@ def canary(
     interval_s = parse_duration(interval)
     policy = _run(
         ctx,
+        config,
         lambda s: s.start_canary(
             name,
             version,
@@ -204,9 +197,10 @@ def show(
     name: Annotated[str, typer.Argument(help="Model name.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     limit: Annotated[int, typer.Option(min=1, help="Recent events to list.")] = 10,
+    config: ConfigOption = None,
 ) -> None:
     """Show NAME's weights, shadow, fallback, canary, the nodes applying it, recent events."""
-    info = _run(ctx, lambda s: s.describe(name, limit))
+    info = _run(ctx, config, lambda s: s.describe(name, limit))
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -214,9 +208,13 @@ def show(
 
 
 @app.command("clear")
-def clear(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
+def clear(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    config: ConfigOption = None,
+) -> None:
     """Remove NAME's policy: its requests follow its aliases again."""
-    cleared = _run(ctx, lambda s: s.clear(name))
+    cleared = _run(ctx, config, lambda s: s.clear(name))
     typer.echo(f"{name}: policy cleared" if cleared else f"{name}: had no traffic policy")
 
 

@@ -7,13 +7,12 @@ when the gateway is entered (``async with``).
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from interlock._core.clock import Clock, SystemClock
 from interlock.llm.budgets import open_ledger
 from interlock.llm.cache import open_llm_cache
-from interlock.llm.gateway import Gateway, tenant_keys_from_env
+from interlock.llm.gateway import Gateway
 from interlock.llm.limits import open_limiter
 from interlock.llm.observer import GatewayObserver
 from interlock.llm.providers import make_provider
@@ -32,20 +31,21 @@ def open_gateway(
     database: Database | None = None,
     metrics: GatewayObserver | None = None,
     clock: Clock | None = None,
-    environ: Mapping[str, str] | None = None,
     supervisor: Supervisor | None = None,
 ) -> Gateway:
     """The gateway of ``settings.llm``; usage is recorded when ``database`` is given.
 
     The usage writer runs under ``supervisor`` (the process's, for readiness) when given.
 
+    The keys of deployments and tenants come from the settings (the variables they name).
+
     Raises ConfigError when a deployment's or tenant's key variable is not set, or a
     backend URL cannot be used.
     """
     llm = settings.llm
     clock = clock or SystemClock()
-    env = dict(environ if environ is not None else os.environ)
-    providers = {d.name: make_provider(d) for d in llm.deployments}
+    providers = {d.name: make_provider(d, d.api_key()) for d in llm.deployments}
+    tenant_keys = {t.key().get_secret_value(): t.name for t in llm.tenants}
     limiter = open_limiter(llm.limits.url, clock=clock)
     ledger = open_ledger(llm.limits.url, clock=clock)
     holder: list[Gateway] = []
@@ -79,7 +79,7 @@ def open_gateway(
         usage=usage,
         observer=metrics,
         clock=clock,
-        tenant_keys=tenant_keys_from_env(llm, env),
+        tenant_keys=tenant_keys,
     )
     holder.append(gateway)
     return gateway

@@ -1,5 +1,8 @@
 """Prometheus metrics of the event worker (``interlock worker --metrics-port``).
 
+:class:`WorkerMetrics` is the worker's :class:`~interlock.serving.worker.WorkerObserver`,
+wired to it in ``app.py``.
+
 ``interlock_worker_lag`` is what an autoscaler (KEDA) scales on: the messages of the
 requests topic the group has not acknowledged yet, read every few seconds.
 """
@@ -54,3 +57,28 @@ class WorkerMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+
+    # -- serving.worker.WorkerObserver ------------------------------------------------
+
+    def events_taken(self, events: int, redelivered: int) -> None:
+        self.consumed.inc(events)
+        if redelivered:
+            self.redelivered.inc(redelivered)
+
+    def events_completed(self, source: str, events: int) -> None:
+        self.completed.labels(source).inc(events)
+
+    def event_dead_lettered(self, reason: str) -> None:
+        self.dead_lettered.labels(reason).inc()
+
+    def prediction_retried(self) -> None:
+        self.retries.inc()
+
+    def in_flight_changed(self, events: int) -> None:
+        self.in_flight.set(events)
+
+    def lag_read(self, events: int) -> None:
+        self.lag.set(events)
+
+    def batch_answered(self, seconds: float) -> None:
+        self.latency.observe(seconds)

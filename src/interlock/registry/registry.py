@@ -23,13 +23,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from interlock._core.clock import Clock
-from interlock._core.formats import ModelFormat
+from interlock._core.formats import Inspection, ModelFormat
 from interlock._core.schema import FeatureSchema
 from interlock.errors import InterlockError, ModelNotFoundError, RegistryError
 from interlock.registry import _rules
@@ -39,9 +39,6 @@ from interlock.store.artifacts import ArtifactStore, StoredArtifact
 from interlock.store.db import Database
 from interlock.store.sql import insert_or_ignore, upsert
 from interlock.store.tables import model_aliases, model_versions, models
-
-if TYPE_CHECKING:
-    from interlock.runtime.base import Inspection
 
 __all__ = ["Inspector", "Progress", "Registry"]
 

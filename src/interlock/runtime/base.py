@@ -14,28 +14,18 @@ positive-class probability, for multiclass a probability list, for regressors th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from interlock._core.formats import ModelFormat, Task
+from interlock._core.formats import Inspection, ModelFormat, Task
 from interlock._core.schema import FeatureSchema
 
 __all__ = ["Inspection", "Loader", "ModelFormat", "Predictor", "Task", "as_matrix"]
 
 Matrix = npt.NDArray[np.float64]
-
-
-@dataclass(frozen=True, slots=True)
-class Inspection:
-    """What registration learns from an artifact."""
-
-    schema: FeatureSchema | None
-    task: Task = Task.UNKNOWN
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 class Predictor(Protocol):

@@ -49,7 +49,7 @@ import random
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -62,12 +62,11 @@ from interlock.errors import (
     ModelNotFoundError,
     TrafficError,
 )
-from interlock.monitoring.events import WorkerMetrics
 from interlock.serving.dedupe import Dedupe
 from interlock.serving.pipeline import Answer, Pipeline
 from interlock.settings import BusSettings
 
-__all__ = ["PredictionWorker", "parse_model_ref"]
+__all__ = ["PredictionWorker", "WorkerObserver", "parse_model_ref"]
 
 log = logging.getLogger("interlock.worker")
 
@@ -75,6 +74,57 @@ log = logging.getLogger("interlock.worker")
 _FINAL = (ModelNotFoundError, InputError, TrafficError)
 _LAG_EVERY_S = 5.0
 _GROUP_ROWS = 256  # rows of one pipeline call when requests are predicted together
+
+
+class WorkerObserver(Protocol):
+    """What the worker reports as it goes (``monitoring.events.WorkerMetrics`` counts it)."""
+
+    def events_taken(self, events: int, redelivered: int) -> None:
+        """``events`` taken from the bus, ``redelivered`` of them not for the first time."""
+        ...
+
+    def events_completed(self, source: str, events: int) -> None:
+        """Completions published, ``source`` saying how: ``predicted`` or ``recorded``."""
+        ...
+
+    def event_dead_lettered(self, reason: str) -> None:
+        """One event went to the dead-letter topic; ``reason`` is a bounded label."""
+        ...
+
+    def prediction_retried(self) -> None: ...
+
+    def in_flight_changed(self, events: int) -> None: ...
+
+    def lag_read(self, events: int) -> None:
+        """The group's unacknowledged events on the requests topic."""
+        ...
+
+    def batch_answered(self, seconds: float) -> None:
+        """From a batch's arrival to its last completion's (or dead letter's) publication."""
+        ...
+
+
+class _Unobserved:
+    def events_taken(self, events: int, redelivered: int) -> None:
+        pass
+
+    def events_completed(self, source: str, events: int) -> None:
+        pass
+
+    def event_dead_lettered(self, reason: str) -> None:
+        pass
+
+    def prediction_retried(self) -> None:
+        pass
+
+    def in_flight_changed(self, events: int) -> None:
+        pass
+
+    def lag_read(self, events: int) -> None:
+        pass
+
+    def batch_answered(self, seconds: float) -> None:
+        pass
 
 
 class _DeadLetterError(Exception):
@@ -102,7 +152,7 @@ class PredictionWorker:
         settings: BusSettings,
         *,
         consumer: str,
-        metrics: WorkerMetrics | None = None,
+        observer: WorkerObserver | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._bus = bus
@@ -110,7 +160,7 @@ class PredictionWorker:
         self._dedupe = dedupe
         self._settings = settings
         self._consumer = consumer
-        self.metrics = metrics or WorkerMetrics()
+        self._observer: WorkerObserver = observer or _Unobserved()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._in_flight = 0
         self._room = asyncio.Event()
@@ -148,7 +198,7 @@ class PredictionWorker:
                 if not messages:
                     continue
                 self._in_flight += len(messages)
-                self.metrics.in_flight.set(self._in_flight)
+                self._observer.in_flight_changed(self._in_flight)
                 task = asyncio.ensure_future(self._process(sub, messages, stop))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -206,16 +256,13 @@ class PredictionWorker:
             log.exception("a batch of events failed; the bus will deliver it again")
         finally:
             self._in_flight -= len(batch)
-            self.metrics.in_flight.set(self._in_flight)
+            self._observer.in_flight_changed(self._in_flight)
             self._room.set()
 
     async def _answer(self, batch: list[Message], started: float, stop: asyncio.Event) -> bool:
         """Publish an answer or a dead letter for every event; False if stopped first."""
-        settings, metrics = self._settings, self.metrics
-        metrics.consumed.inc(len(batch))
-        redelivered = sum(1 for m in batch if m.deliveries > 1)
-        if redelivered:
-            metrics.redelivered.inc(redelivered)
+        settings, observer = self._settings, self._observer
+        observer.events_taken(len(batch), sum(1 for m in batch if m.deliveries > 1))
         dead: list[tuple[Message, str]] = []
         valid: list[tuple[Message, dict[str, Any]]] = []
         for message in batch:
@@ -236,7 +283,7 @@ class PredictionWorker:
                 out[request.get("replyTo") or settings.completed_topic].append(
                     (message.key, record)
                 )
-                metrics.completed.labels("recorded").inc()
+                observer.events_completed("recorded", 1)
             else:
                 todo.append((message, request))
         results = await self._predict_all([request for _, request in todo], started)
@@ -258,7 +305,7 @@ class PredictionWorker:
         if steps and any(done is None for done in await asyncio.gather(*steps)):
             return False
         if fresh:
-            metrics.completed.labels("predicted").inc(len(fresh))
+            observer.events_completed("predicted", len(fresh))
         if dead:
             letters = [
                 (m.key, dead_letter_payload(m, reason, settings.requests_topic))
@@ -274,8 +321,8 @@ class PredictionWorker:
             ):
                 return False
             for _, reason in dead:
-                metrics.dead_lettered.labels(_reason_label(reason)).inc()
-        metrics.latency.observe(time.perf_counter() - started)
+                observer.event_dead_lettered(_reason_label(reason))
+        observer.batch_answered(time.perf_counter() - started)
         return True
 
     async def _predict_all(
@@ -403,7 +450,7 @@ class PredictionWorker:
             except InterlockError as exc:
                 if attempt >= settings.max_attempts:
                     return None, f"gave up after {attempt} attempts: {describe(exc)}"
-                self.metrics.retries.inc()
+                self._observer.prediction_retried()
                 cap = settings.retry_base_ms * (2 ** (attempt - 1)) / 1000.0
                 await asyncio.sleep(self._rng.uniform(cap / 2, cap))
                 continue
@@ -435,7 +482,7 @@ class PredictionWorker:
     async def _watch_lag(self, sub: Subscription, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                self.metrics.lag.set(await sub.lag())
+                self._observer.lag_read(await sub.lag())
             except Exception as exc:  # a metric: never worth stopping the worker for
                 log.debug("lag unavailable", extra={"error": type(exc).__name__})
             await _first(asyncio.sleep(_LAG_EVERY_S), stop.wait())

@@ -3,13 +3,12 @@
 :meth:`interlock.store.db.Database.migrate` runs it with an open connection in
 ``config.attributes["connection"]``, already inside the transaction (and, on
 PostgreSQL, the advisory lock) that the upgrade runs in. Developers may also run the
-``alembic`` command against ``INTERLOCK_DATABASE_URL`` (``sqlalchemy.url`` in the
+``alembic`` command against the settings' database (``database_url``: ``interlock.toml``,
+``INTERLOCK_DATABASE_URL``, else ``<home>/interlock.db``; ``sqlalchemy.url`` in the alembic
 config overrides it) to autogenerate a new revision from ``interlock.store.tables``.
 """
 
 from __future__ import annotations
-
-import os
 
 from alembic import context
 from sqlalchemy.engine import Connection
@@ -33,13 +32,12 @@ def _run_online() -> None:
     if isinstance(connection, Connection):
         _run(connection)
         return
+    from interlock.settings import load_settings
     from interlock.store.db import Database
 
-    url = context.config.get_main_option("sqlalchemy.url") or os.environ.get(
-        "INTERLOCK_DATABASE_URL"
-    )
+    url = context.config.get_main_option("sqlalchemy.url")
     if not url:
-        raise SystemExit("set sqlalchemy.url or INTERLOCK_DATABASE_URL")
+        url = load_settings().effective_database_url
     database = Database(url, max_threads=1)
     try:
         with database.engine.begin() as conn:
