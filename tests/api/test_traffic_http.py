@@ -29,6 +29,8 @@ from tests.conftest import LiveServer
 @pytest.fixture
 def pg_settings(make_settings: Callable[..., Any], postgres_url: str) -> Callable[..., Any]:
     def make(**overrides: Any) -> Any:
+        # Every answer counts here: a 1 s deadline is luck on a loaded 2-core machine.
+        overrides["serving"] = {"default_timeout_ms": 30_000, **overrides.get("serving", {})}
         return make_settings(database_url=postgres_url, **overrides)
 
     return make
