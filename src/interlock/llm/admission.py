@@ -18,7 +18,6 @@ from typing import Any, cast
 from interlock.errors import (
     AuthError,
     BudgetExceededError,
-    ConfigError,
     MalformedInputError,
     ModelNotFoundError,
     RateLimitedError,
@@ -31,7 +30,7 @@ from interlock.llm.tokens import count_embedding_tokens, count_prompt_tokens
 from interlock.llm.wire import ChatRequest, EmbeddingsRequest
 from interlock.settings import LLMModel, LLMSettings
 
-__all__ = ["Admission", "Admitted", "tenant_keys_from_env"]
+__all__ = ["Admission", "Admitted"]
 
 log = logging.getLogger("interlock.llm")
 
@@ -172,16 +171,3 @@ class Admission:
             self._observer.rejected(exc.limit.rsplit(":", 1)[0], "rate")
             raise
         return reservation, quota.headers()
-
-
-def tenant_keys_from_env(settings: LLMSettings, environ: Mapping[str, str]) -> dict[str, str]:
-    """Each tenant's key read from its variable; ConfigError names a missing variable."""
-    keys: dict[str, str] = {}
-    for tenant in settings.tenants:
-        key = environ.get(tenant.key_env)
-        if not key:
-            raise ConfigError(
-                f"tenant {tenant.name!r}: the variable {tenant.key_env} holding its key is not set"
-            )
-        keys[key] = tenant.name
-    return keys

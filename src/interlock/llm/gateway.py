@@ -29,7 +29,7 @@ from typing import Any, cast
 from interlock._core.clock import Clock, SystemClock
 from interlock.errors import UnavailableError
 from interlock.llm.accounting import Accounting, Background
-from interlock.llm.admission import Admission, tenant_keys_from_env
+from interlock.llm.admission import Admission
 from interlock.llm.attempts import Attempts
 from interlock.llm.budgets import SpendLedger
 from interlock.llm.cache import CacheControl, LLMCache
@@ -53,7 +53,6 @@ __all__ = [
     "Gateway",
     "StreamFailure",
     "Tenant",
-    "tenant_keys_from_env",
 ]
 
 _CACHED = frozenset({"hit", "semantic", "stale", "coalesced"})
