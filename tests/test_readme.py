@@ -17,11 +17,14 @@ are listed here (:data:`SKIPPED`), so that adding one is a visible decision.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +43,6 @@ README = REPO / "README.md"
 
 SKIPPED = [
     "make targets: they install and run the whole suite, which CI does itself",
-    "needs a worker on a shared bus; tests/events and tests/cli/test_events_cli.py run it",
 ]
 """The reasons of the blocks README.md marks as not run, in the README's order."""
 
@@ -53,6 +55,7 @@ _FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 _SKIP = re.compile(r"<!-- readme-test: skip \((.+)\) -->$")
 _LOCAL = re.compile(r"\b(?:localhost|127\.0\.0\.1):8000\b")
 _README_REDIS = "redis://127.0.0.1:6379/0"
+_EVENTS_DB = 13  # the README's worker example runs on this database of the test Redis
 
 
 @dataclass(frozen=True)
@@ -118,9 +121,26 @@ class Reader:
         self.env = env
         self.port = server.url.rsplit(":", 1)[1]
         self.known: list[str] = []  # the KNOWN_DEFECTS met
+        self.background: list[subprocess.Popen[str]] = []  # commands run with '&'
+        self.published: list[str] = []  # the requestIds of `events publish`
+        self.bus_url = f"{REDIS_URL.rsplit('/', 1)[0]}/{_EVENTS_DB}"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.metrics_port = sock.getsockname()[1]
 
     def local(self, text: str) -> str:
+        text = text.replace(_README_REDIS, self.bus_url)
+        text = text.replace("--metrics-port 9100", f"--metrics-port {self.metrics_port}")
         return _LOCAL.sub(f"127.0.0.1:{self.port}", text)
+
+    def close(self) -> None:
+        for process in self.background:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
     def run_sh(self, block: Block) -> None:
         for line in _logical_lines(block.code):
@@ -137,17 +157,51 @@ class Reader:
                 self.known.append(f"{where.splitlines()[0]}: {known[0]}")
 
     def _command(self, argv: list[str], where: str) -> None:
-        if argv[0] == "export":
+        if argv[-1] == "&":
+            assert argv[0] == "interlock", f"{where}: only interlock runs in the background"
+            self.background.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "interlock", *argv[1:-1]],
+                    cwd=self.cwd,
+                    env=dict(self.env),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
+            )
+        elif argv[0] == "export":
             name, _, value = argv[1].partition("=")
             self.env[name] = value
         elif argv[:2] == ["interlock", "serve"]:
             pass  # the test's server is that server
+        elif argv[:3] == ["interlock", "events", "publish"]:
+            self.published.append(json.loads(argv[4])["requestId"])
+            self._check([sys.executable, "-m", "interlock", *argv[1:]], where)
+        elif argv[:3] == ["interlock", "events", "tail"]:
+            self._tail_until_answered(argv, where)
         elif argv[0] == "interlock":
             self._check([sys.executable, "-m", "interlock", *argv[1:]], where)
         elif argv[0] == "curl":
             self._curl(argv, where)
         else:
             raise AssertionError(f"{where}: the README test cannot run {argv[0]!r}")
+
+    def _tail_until_answered(self, argv: list[str], where: str) -> None:
+        """Tail as a reader would, again until the answer to the last request published
+        is the newest (the worker in the background may still be starting)."""
+        wanted = f'"requestId":"{self.published[-1]}"'
+        deadline = time.monotonic() + 120
+        while True:
+            out = self._check([sys.executable, "-m", "interlock", *argv[1:]], where).stdout
+            if wanted in out:
+                answer = json.loads(out.strip().splitlines()[-1])
+                assert answer["model"] == "fraud" and 0 <= answer["result"] <= 1, out
+                return
+            for process in self.background:
+                assert process.poll() is None, f"{where}: the background command exited"
+            assert time.monotonic() < deadline, f"{where}: no answer to {wanted}: {out!r}"
+            time.sleep(0.5)
 
     def run_python(self, block: Block) -> None:
         self._check([sys.executable, "-c", self.local(block.code)], str(block))
@@ -238,9 +292,15 @@ def reader(tmp_path: Path, fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch) 
     assert demo.returncode == 0, demo.stdout + demo.stderr
     settings = load_settings(config, home=tmp_path / ".interlock")
     server = LiveServer(settings).start()
+    reader = Reader(tmp_path, server, env)
+    import redis  # the worker example's database starts empty: no answers of earlier runs
+
+    with redis.Redis.from_url(reader.bus_url) as client:
+        client.flushdb()
     try:
-        yield Reader(tmp_path, server, env)
+        yield reader
     finally:
+        reader.close()
         server.stop()
 
 
