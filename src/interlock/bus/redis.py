@@ -62,7 +62,7 @@ from interlock.bus import BusError
 from interlock.bus.base import Message
 from interlock.errors import ConfigError, describe
 from interlock.settings import mask_url
-from interlock.store.redis import check_url, open_client
+from interlock.store.redis import check_url, close_client, open_client
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -268,11 +268,7 @@ class RedisBus:
         client, self._client = self._client, None
         if client is None:
             return
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                await client.aclose()
-        except _FAILURES as exc:
-            logger.debug("closing the redis bus failed: %s", describe(exc, with_type=True))
+        await close_client(client, timeout_s=self.timeout_s, what="redis bus")
 
     async def __aenter__(self) -> Self:
         return self

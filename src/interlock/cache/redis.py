@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Self
 from interlock.cache.base import DEFAULT_PREFIX, CacheStats
 from interlock.errors import CacheError, ConfigError, describe
 from interlock.settings import mask_url
-from interlock.store.redis import Outage, check_url, failures, open_client
+from interlock.store.redis import Outage, check_url, close_client, failures, open_client
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -180,11 +180,7 @@ class RedisCache:
         client, self._client = self._client, None
         if client is None:
             return
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                await client.aclose()
-        except failures() as exc:
-            logger.debug("closing the redis cache failed: %s", describe(exc))
+        await close_client(client, timeout_s=self.timeout_s, what="redis cache")
 
     async def __aenter__(self) -> Self:
         return self

@@ -38,13 +38,14 @@ from typing import TYPE_CHECKING, Protocol, Self
 from urllib.parse import urlsplit
 
 from interlock._core.clock import SystemClock
-from interlock.errors import BudgetExceededError, ConfigError, describe
+from interlock.errors import BudgetExceededError, ConfigError
 from interlock.settings import mask_url
 from interlock.store.redis import (
     MAX_CONNECTIONS,
     REDIS_SCHEMES,
     Outage,
     check_url,
+    close_client,
     open_client,
 )
 
@@ -386,11 +387,7 @@ class RedisLedger:
         client, self._client = self._client, None
         if client is None:
             return
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                await client.aclose()
-        except Exception as exc:  # closing a broken pool must not fail a shutdown
-            logger.debug("closing the redis spend ledger failed: %s", describe(exc))
+        await close_client(client, timeout_s=self.timeout_s, what="redis spend ledger")
 
     async def __aenter__(self) -> Self:
         return self

@@ -52,9 +52,9 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import numpy as np
 import numpy.typing as npt
 
-from interlock.errors import ConfigError, describe
+from interlock.errors import ConfigError
 from interlock.settings import mask_url
-from interlock.store.redis import Outage, open_client
+from interlock.store.redis import Outage, close_client, open_client
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -532,8 +532,4 @@ class RedisVectorLog:
         """Close the connection pool."""
         client, self._client = self._client, None
         if client is not None:
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    await client.aclose()
-            except Exception as exc:  # closing a broken connection: nothing left to do
-                logger.debug("closing the semantic index connection failed: %s", describe(exc))
+            await close_client(client, timeout_s=self.timeout_s, what="semantic index log")

@@ -34,6 +34,7 @@ Error text comes from :func:`interlock.errors.describe`, re-exported here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
@@ -55,6 +56,7 @@ __all__ = [
     "Outage",
     "RedisObserver",
     "check_url",
+    "close_client",
     "describe",
     "failures",
     "is_redis_url",
@@ -129,6 +131,18 @@ def open_client(
         **options,
     )
     return redis.asyncio.Redis.from_pool(pool)
+
+
+async def close_client(client: redis.asyncio.Redis, *, timeout_s: float, what: str) -> None:
+    """Close ``client``'s pool within ``timeout_s``; a broken pool is logged, not raised
+    (closing one must not fail a shutdown)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await client.aclose()
+    except failures() as exc:
+        logging.getLogger("interlock").debug(
+            "closing the %s failed: %s", what, describe(exc, with_type=True)
+        )
 
 
 def failures() -> tuple[type[Exception], ...]:

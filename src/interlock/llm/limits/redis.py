@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from interlock._core.clock import SystemClock
-from interlock.errors import ConfigError, describe
+from interlock.errors import ConfigError
 from interlock.llm.limits._base import (
     _US,
     WINDOW_S,
@@ -41,7 +41,7 @@ from interlock.llm.limits._base import (
     _Room,
 )
 from interlock.settings import mask_url
-from interlock.store.redis import MAX_CONNECTIONS, Outage, check_url, open_client
+from interlock.store.redis import MAX_CONNECTIONS, Outage, check_url, close_client, open_client
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -288,11 +288,7 @@ class RedisLimiter:
         client, self._client = self._client, None
         if client is None:
             return
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                await client.aclose()
-        except Exception as exc:  # closing a broken pool must not fail a shutdown
-            logger.debug("closing the redis rate limiter failed: %s", describe(exc))
+        await close_client(client, timeout_s=self.timeout_s, what="redis rate limiter")
 
     async def __aenter__(self) -> Self:
         return self
