@@ -126,6 +126,26 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def _wait_accepting(port: int, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not accepts(port):
+        assert time.monotonic() < deadline, f"{what} did not start"
+        time.sleep(0.05)
+
+
+def _config_error_line(env: dict[str, str], tmp_path: Path) -> str:
+    """Start a worker that must exit 1 at once; its one line of output."""
+    worker = Worker(env, tmp_path, tmp_path / "worker.log")
+    try:
+        assert worker.proc.wait(timeout=60) == 1
+    finally:
+        worker.stop()
+    lines = worker.output().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
 @pytest.mark.parametrize("bus_url", ["kafka"], indirect=True)
 def test_a_worker_waits_for_a_kafka_broker_that_is_down_at_start(
     setup: tuple[dict[str, str], Path, str], tmp_path: Path, own_port: int
@@ -210,20 +230,11 @@ def test_a_wrong_redis_password_exits_at_once_in_one_line(
     (tmp_path / "redis").mkdir()
     redis = _redis_server(own_port, tmp_path / "redis", "--requirepass", "right-one")
     try:
-        deadline = time.monotonic() + 30
-        while not accepts(own_port):
-            assert time.monotonic() < deadline, "Redis did not start"
-            time.sleep(0.05)
+        _wait_accepting(own_port, "Redis")
         env = {**env, "INTERLOCK_BUS_URL": f"redis://:wrong-one@127.0.0.1:{own_port}/0"}
-        worker = Worker(env, tmp_path, tmp_path / "worker.log")
-        try:
-            assert worker.proc.wait(timeout=60) == 1
-        finally:
-            worker.stop()
-        lines = worker.output().strip().splitlines()
-        assert len(lines) == 1, lines
-        assert lines[0].startswith("error: ") and "auth" in lines[0].lower()
-        assert "wrong-one" not in lines[0]  # no secret in the line
+        line = _config_error_line(env, tmp_path)
+        assert "auth" in line.lower()
+        assert "wrong-one" not in line  # no secret in the line
     finally:
         _stop(redis)
 
@@ -292,19 +303,10 @@ def test_refused_nats_credentials_exit_at_once_in_one_line(
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while not accepts(own_port):
-            assert time.monotonic() < deadline, "NATS did not start"
-            time.sleep(0.05)
+        _wait_accepting(own_port, "NATS")
         env = {**env, "INTERLOCK_BUS_URL": f"nats://worker:wrong-one@127.0.0.1:{own_port}"}
-        worker = Worker(env, tmp_path, tmp_path / "worker.log")
-        try:
-            assert worker.proc.wait(timeout=60) == 1
-        finally:
-            worker.stop()
-        lines = worker.output().strip().splitlines()
-        assert len(lines) == 1, lines
-        assert lines[0].startswith("error: ") and "credentials" in lines[0]
-        assert "wrong-one" not in lines[0]
+        line = _config_error_line(env, tmp_path)
+        assert "credentials" in line
+        assert "wrong-one" not in line
     finally:
         _stop(server)
